@@ -1,0 +1,83 @@
+"""The `curate` command. Commands are thin: parse, call the library, print.
+
+Exit codes: 0 ok, 1 the job failed, 2 usage error (bad option, bad path, locked workspace).
+Errors print one line; --debug (or CURATE_DEBUG=1) adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+import typer
+
+from .. import __version__, console
+from ..errors import CurateError
+
+app = typer.Typer(
+    name="curate",
+    help="Curate image-text pools for CLIP training: ingest → score → prune → export → report.\n\n"
+         "Every run and every per-sample decision is recorded in WORKSPACE/manifest.duckdb.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"curate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    pass
+
+
+def _register() -> None:
+    # Each module adds its commands to `app`; imported lazily so `curate --help` stays fast.
+    from . import commands  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register()
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or console.state.debug
+    try:
+        app(args=args, prog_name="curate", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        console.error_line("aborted")
+        return 130
+    except click.exceptions.ClickException as exc:  # usage errors from click/typer
+        exc.show()
+        return exc.exit_code if exc.exit_code else 2
+    except CurateError as exc:
+        if debug or console.state.debug:
+            traceback.print_exc()
+        console.error_line(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.error_line("interrupted")
+        return 130
+    except Exception as exc:  # an unexpected failure: one line unless --debug
+        if debug or console.state.debug:
+            traceback.print_exc()
+        console.error_line(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        return 1
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,256 @@
+"""The DuckDB manifest: schema, runs, and the queries every command shares.
+
+One file, `WS/manifest.duckdb`, records every run and every per-sample decision. Bulk
+inserts go through Arrow tables (no per-row Python). docs/workspace.md documents each table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from . import __version__
+from .errors import CurateError, WorkspaceLocked
+
+SCHEMA_VERSION = 1
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
+    """CREATE SEQUENCE IF NOT EXISTS run_id_seq START 1""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id      BIGINT PRIMARY KEY,
+        command     VARCHAR NOT NULL,
+        argv        VARCHAR,          -- JSON list: the full command line
+        params      VARCHAR,          -- JSON object: resolved parameters
+        version     VARCHAR,
+        seed        BIGINT,
+        started_at  TIMESTAMP,
+        ended_at    TIMESTAMP,
+        status      VARCHAR,          -- running | ok | failed | interrupted
+        error       VARCHAR,
+        summary     VARCHAR           -- JSON object printed at the end
+    )""",
+    """CREATE SEQUENCE IF NOT EXISTS shard_id_seq START 0 MINVALUE 0""",
+    """CREATE TABLE IF NOT EXISTS shards (
+        shard_id     BIGINT PRIMARY KEY,
+        path         VARCHAR NOT NULL, -- absolute source path
+        format       VARCHAR NOT NULL, -- wds | datacomp | urls
+        n_samples    BIGINT,           -- rows that went into `samples`
+        n_rejected   BIGINT,           -- records that went into `sample_issues` instead
+        bytes        BIGINT,
+        mtime        DOUBLE,
+        fingerprint  VARCHAR,          -- sha256 of the file's bytes (datacomp: of parquet + npz)
+        status       VARCHAR,          -- ok | failed
+        error        VARCHAR,
+        run_id       BIGINT,
+        ingested_at  TIMESTAMP,
+        extra        VARCHAR           -- JSON: sidecar stats, npz keys, ...
+    )""",
+    """CREATE TABLE IF NOT EXISTS samples (
+        uid          VARCHAR NOT NULL, -- 32 hex chars (docs/workspace.md#uids)
+        shard_id     BIGINT NOT NULL,
+        key          VARCHAR,          -- key in the shard (tar key, or row number for tables)
+        row_idx      BIGINT NOT NULL,  -- row in the shard's arrays (embeddings are row-aligned)
+        url          VARCHAR,
+        caption      VARCHAR,
+        width        INTEGER,
+        height       INTEGER,
+        sha256       VARCHAR,
+        source       VARCHAR,          -- wds | datacomp | urls
+        image_ext    VARCHAR,          -- jpg | png | webp | ... (NULL: no image held)
+        image_bytes  BIGINT,
+        status       VARCHAR           -- ok | pending (URL not downloaded yet) | failed (download failed)
+    )""",
+    """CREATE TABLE IF NOT EXISTS sample_issues (
+        run_id    BIGINT,
+        shard_id  BIGINT,
+        key       VARCHAR,
+        uid       VARCHAR,
+        reason    VARCHAR NOT NULL,   -- short stable name, e.g. missing_image, duplicate_uid
+        action    VARCHAR NOT NULL,   -- rejected (not in samples) | warning (in samples, noted)
+        detail    VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS scorers (
+        name        VARCHAR PRIMARY KEY,
+        kind        VARCHAR,          -- provided (came with the pool) | open_clip | checkpoint
+        spec        VARCHAR,
+        dim         INTEGER,
+        params      VARCHAR,          -- JSON
+        run_id      BIGINT,
+        created_at  TIMESTAMP
+    )""",
+    """CREATE TABLE IF NOT EXISTS embeddings (
+        scorer    VARCHAR NOT NULL,
+        shard_id  BIGINT NOT NULL,
+        kind      VARCHAR NOT NULL,   -- img | txt | img_flip
+        path      VARCHAR NOT NULL,   -- .npy file, or the .npz holding `member`
+        member    VARCHAR,            -- npz member name, when the array lives inside an npz
+        offset    BIGINT,             -- byte offset of the raw array in `path` (npz stored members)
+        dtype     VARCHAR,
+        n_rows    BIGINT,
+        dim       INTEGER
+    )""",
+    """CREATE TABLE IF NOT EXISTS scores (
+        scorer  VARCHAR NOT NULL,
+        uid     VARCHAR NOT NULL,
+        score   FLOAT                 -- cosine(image, text), fp32
+    )""",
+    """CREATE TABLE IF NOT EXISTS decisions (
+        run_id     BIGINT NOT NULL,
+        stage_idx  INTEGER,
+        stage      VARCHAR NOT NULL,
+        uid        VARCHAR NOT NULL,
+        keep       BOOLEAN NOT NULL,
+        reason     VARCHAR,
+        value      DOUBLE,
+        threshold  DOUBLE,
+        ref_uid    VARCHAR,           -- the sample this one duplicates / was matched to
+        detail     VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS stage_stats (
+        run_id     BIGINT NOT NULL,
+        stage_idx  INTEGER,
+        stage      VARCHAR,
+        n_in       BIGINT,
+        n_kept     BIGINT,
+        n_dropped  BIGINT,
+        seconds    DOUBLE,
+        params     VARCHAR
+    )""",
+]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now()
+
+
+class Manifest:
+    """A connection to `manifest.duckdb`. Writers must hold the workspace lock."""
+
+    def __init__(self, path: Path, *, read_only: bool = False):
+        self.path = Path(path)
+        self.read_only = read_only
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise WorkspaceLocked(
+                    f"manifest {self.path} is in use by another curate process; wait for it to finish"
+                ) from None
+            raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
+        if not read_only:
+            self.init_schema()
+
+    @classmethod
+    def for_workspace(cls, ws, *, read_only: bool = False) -> "Manifest":
+        return cls(ws.manifest_path, read_only=read_only)
+
+    def init_schema(self) -> None:
+        for stmt in SCHEMA:
+            self.con.execute(stmt)
+        self.con.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
+            [str(SCHEMA_VERSION), f"curate {__version__}"],
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.con.close()
+
+    def __enter__(self) -> "Manifest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- helpers ----------------------------------------------------------------------
+    def execute(self, sql: str, params: Any = None):
+        return self.con.execute(sql, params) if params is not None else self.con.execute(sql)
+
+    def scalar(self, sql: str, params: Any = None):
+        row = self.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        else:
+            self.con.execute("COMMIT")
+
+    def insert_arrow(self, table: str, arrow_table) -> None:
+        """Append an Arrow table whose columns are named like the target table's."""
+        if arrow_table.num_rows == 0:
+            return
+        cols = ", ".join(f'"{c}"' for c in arrow_table.column_names)
+        self.con.register("_curate_insert", arrow_table)
+        try:
+            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _curate_insert")
+        finally:
+            self.con.unregister("_curate_insert")
+
+    # ---- runs -------------------------------------------------------------------------
+    def start_run(self, command: str, params: dict, *, argv: list[str] | None = None, seed: int | None = None) -> int:
+        run_id = self.scalar("SELECT nextval('run_id_seq')")
+        self.execute(
+            "INSERT INTO runs (run_id, command, argv, params, version, seed, started_at, status) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
+            [run_id, command, json.dumps(argv if argv is not None else ["curate", *sys.argv[1:]]),
+             json.dumps(params, default=str, sort_keys=True), __version__, seed, _now()],
+        )
+        return int(run_id)
+
+    def finish_run(self, run_id: int, status: str, *, summary: dict | None = None, error: str | None = None) -> None:
+        self.execute(
+            "UPDATE runs SET status = ?, ended_at = ?, summary = ?, error = ? WHERE run_id = ?",
+            [status, _now(), json.dumps(summary or {}, default=str, sort_keys=True), error, run_id],
+        )
+
+    @contextlib.contextmanager
+    def run(self, command: str, params: dict, *, seed: int | None = None) -> Iterator["RunRecord"]:
+        """Record a run: 'running' now; 'ok', 'failed' or 'interrupted' when the block ends."""
+        rec = RunRecord(self.start_run(command, params, seed=seed))
+        try:
+            yield rec
+        except KeyboardInterrupt:
+            self.finish_run(rec.run_id, "interrupted", summary=rec.summary, error="interrupted")
+            raise
+        except BaseException as exc:
+            self.finish_run(rec.run_id, "failed", summary=rec.summary, error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        else:
+            self.finish_run(rec.run_id, "ok", summary=rec.summary)
+
+    # ---- shards -----------------------------------------------------------------------
+    def next_shard_id(self) -> int:
+        return int(self.scalar("SELECT nextval('shard_id_seq')"))
+
+    def find_shard(self, *, path: str | None = None, fingerprint: str | None = None):
+        """The ok shard with this path (same size/mtime checked by the caller) or fingerprint."""
+        if path is not None:
+            return self.execute(
+                "SELECT shard_id, bytes, mtime, fingerprint, status FROM shards WHERE path = ? "
+                "ORDER BY shard_id DESC LIMIT 1", [path]).fetchone()
+        return self.execute(
+            "SELECT shard_id, path, status FROM shards WHERE fingerprint = ? AND status = 'ok' LIMIT 1",
+            [fingerprint]).fetchone()
+
+
+class RunRecord:
+    def __init__(self, run_id: int):
+        self.run_id = run_id
+        self.summary: dict = {}
+
+
+def open_manifest(ws, *, read_only: bool = False) -> Manifest:
+    return Manifest.for_workspace(ws, read_only=read_only)

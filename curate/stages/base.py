@@ -1,0 +1,183 @@
+"""The stage interface.
+
+A stage is a small class registered by name. Its constructor holds the parameters (with the
+paper or tool they come from quoted in the module docstring); `apply(inp)` gets the surviving
+samples as a polars DataFrame (+ embeddings through an `EmbeddingView`) and returns a
+`StageResult` whose `decisions` frame has one row per input sample:
+
+    uid (str) | keep (bool) | reason (str|null) | value (f64|null) | threshold (f64|null)
+    | ref_uid (str|null) | detail (str|null)
+
+`reason` is a short stable name (`lang_not_en`, `clip_score_below`, `semantic_duplicate`);
+kept rows may carry a reason too (e.g. `kept_hard`). Stages never do I/O: the runner reads
+the manifest and the embedding files, feeds stages, and records what they return. Nothing in a
+stage knows which executor runs it.
+
+`scope = "row"` stages decide each sample from its own columns, so the runner may feed them
+any partition of the pool (per shard, per Ray block). `scope = "global"` stages (fraction
+thresholds, dedup, clustering, budgets) see every surviving sample in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import polars as pl
+
+DECISION_COLUMNS = {
+    "uid": pl.Utf8,
+    "keep": pl.Boolean,
+    "reason": pl.Utf8,
+    "value": pl.Float64,
+    "threshold": pl.Float64,
+    "ref_uid": pl.Utf8,
+    "detail": pl.Utf8,
+}
+
+
+def decisions_frame(uid, keep, reason=None, value=None, threshold=None, ref_uid=None, detail=None) -> pl.DataFrame:
+    """Build a decisions frame; scalars broadcast, Series/arrays are taken as columns."""
+    uid = pl.Series("uid", uid, dtype=pl.Utf8) if not isinstance(uid, pl.Series) else uid.alias("uid").cast(pl.Utf8)
+    n = len(uid)
+    cols: dict[str, Any] = {"uid": uid}
+    for name, v in (("keep", keep), ("reason", reason), ("value", value), ("threshold", threshold),
+                    ("ref_uid", ref_uid), ("detail", detail)):
+        dtype = DECISION_COLUMNS[name]
+        if isinstance(v, pl.Series):
+            cols[name] = v.alias(name).cast(dtype)
+        elif isinstance(v, (np.ndarray, list, tuple)):
+            cols[name] = pl.Series(name, v).cast(dtype)
+        else:
+            cols[name] = pl.Series(name, [v] * n, dtype=dtype)
+    return pl.DataFrame(cols)
+
+
+class EmbeddingView:
+    """Embeddings of the input rows, in input-row order, read in float32 chunks.
+
+    Implementations stream from the workspace's fp16 files (`curate.embeddings`) or wrap an
+    in-memory array (`ArrayEmbeddings`, for tests and small pools).
+    """
+
+    n: int
+    dim: int
+
+    def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, float32 array of shape (k, dim)) covering rows [start, start + k)."""
+        raise NotImplementedError
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at the given input positions (sorted or not), shape (len(positions), dim)."""
+        raise NotImplementedError
+
+    def to_numpy(self) -> np.ndarray:
+        out = np.empty((self.n, self.dim), dtype=np.float32)
+        for start, block in self.chunks():
+            out[start:start + len(block)] = block
+        return out
+
+
+class ArrayEmbeddings(EmbeddingView):
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.n, self.dim = array.shape
+
+    def chunks(self, rows: int = 65536):
+        for start in range(0, self.n, rows):
+            yield start, np.asarray(self.array[start:start + rows], dtype=np.float32)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[np.asarray(positions)], dtype=np.float32)
+
+
+@dataclass
+class StageInput:
+    """What a stage sees.
+
+    frame: surviving samples. Always has `uid`; the runner adds the sample columns (`url`,
+        `caption`, `width`, `height`, `sha256`, `image_bytes`, `shard_id`, `row_idx`, ...) and
+        one float column per stored score named `score__<scorer>` (e.g. `score__datacomp-l14`).
+    embeddings: (scorer, kind) -> EmbeddingView, kind 'img' | 'txt' | 'img_flip'.
+    seed: the run's seed.
+    budget: for budget stages, the number of samples to keep (None elsewhere).
+    """
+
+    frame: pl.DataFrame
+    embeddings: dict[tuple[str, str], EmbeddingView] = field(default_factory=dict)
+    seed: int = 0
+    budget: int | None = None
+
+    def embedding(self, scorer: str, kind: str = "img") -> EmbeddingView:
+        try:
+            return self.embeddings[(scorer, kind)]
+        except KeyError:
+            have = ", ".join(f"{s}:{k}" for s, k in self.embeddings) or "none"
+            from ..errors import UsageError
+            raise UsageError(f"stage needs {kind} embeddings of scorer {scorer!r}; available: {have}") from None
+
+
+@dataclass
+class StageResult:
+    decisions: pl.DataFrame
+    # Tables for the report and for later reruns (cluster sizes, quotas, centroids, ...): name -> frame/array.
+    artefacts: dict[str, Any] = field(default_factory=dict)
+    # Extra scalar facts (resolved thresholds, eps, λ) recorded with the stage.
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    name: ClassVar[str] = ""
+    scope: ClassVar[str] = "row"  # "row" | "global"
+
+    def params(self) -> dict:
+        """The resolved parameters, recorded with the run."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def needs_embeddings(self) -> list[tuple[str, str]]:
+        """(scorer, kind) pairs the runner must provide."""
+        return []
+
+    def needs_scores(self) -> list[str]:
+        """Scorer names whose `score__<scorer>` columns the runner must provide."""
+        return []
+
+    def apply(self, inp: StageInput) -> StageResult:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"stage name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_stages() -> None:
+    import importlib
+    import pkgutil
+
+    from . import __path__ as pkg_path
+
+    for mod in pkgutil.iter_modules(pkg_path):
+        if mod.name not in ("base", "__init__"):
+            importlib.import_module(f"{__package__}.{mod.name}")
+
+
+def get_stage(name: str) -> type[Stage]:
+    _load_builtin_stages()
+    if name not in _REGISTRY:
+        from ..errors import UsageError
+        raise UsageError(f"unknown stage {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def stage_names() -> list[str]:
+    _load_builtin_stages()
+    return sorted(_REGISTRY)
