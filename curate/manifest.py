@@ -65,6 +65,9 @@ SCHEMA = [
         source       VARCHAR,          -- wds | datacomp | urls
         image_ext    VARCHAR,          -- jpg | png | webp | ... (NULL: no image held)
         image_bytes  BIGINT,
+        members      VARCHAR,          -- tar member extensions, e.g. 'jpg,json,txt'
+        tar_offset   BIGINT,           -- byte offset of the sample's first tar header in the shard
+        tar_end      BIGINT,           -- byte offset just past its last member's (padded) data
         status       VARCHAR           -- ok | pending (URL not downloaded yet) | failed (download failed)
     )""",
     """CREATE TABLE IF NOT EXISTS sample_issues (
@@ -91,7 +94,7 @@ SCHEMA = [
         kind      VARCHAR NOT NULL,   -- img | txt | img_flip
         path      VARCHAR NOT NULL,   -- .npy file, or the .npz holding `member`
         member    VARCHAR,            -- npz member name, when the array lives inside an npz
-        offset    BIGINT,             -- byte offset of the raw array in `path` (npz stored members)
+        byte_offset BIGINT,           -- byte offset of the raw array in `path` (npz stored members)
         dtype     VARCHAR,
         n_rows    BIGINT,
         dim       INTEGER
@@ -152,12 +155,13 @@ class Manifest:
         return cls(ws.manifest_path, read_only=read_only)
 
     def init_schema(self) -> None:
-        for stmt in SCHEMA:
-            self.con.execute(stmt)
-        self.con.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
-            [str(SCHEMA_VERSION), f"curate {__version__}"],
-        )
+        with self.transaction():
+            for stmt in SCHEMA:
+                self.con.execute(stmt)
+            self.con.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
+                [str(SCHEMA_VERSION), f"curate {__version__}"],
+            )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -172,6 +176,13 @@ class Manifest:
     # ---- helpers ----------------------------------------------------------------------
     def execute(self, sql: str, params: Any = None):
         return self.con.execute(sql, params) if params is not None else self.con.execute(sql)
+
+    def frame(self, sql: str, params: Any = None):
+        """A query's result as a polars DataFrame (through Arrow)."""
+        import polars as pl
+
+        rel = self.con.sql(sql, params=params) if params is not None else self.con.sql(sql)
+        return pl.from_arrow(rel.to_arrow_table())
 
     def scalar(self, sql: str, params: Any = None):
         row = self.execute(sql, params).fetchone()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import traceback
 
-import click
 import typer
 
 from .. import __version__, console
@@ -50,15 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or console.state.debug
     try:
-        app(args=args, prog_name="curate", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
+        rv = app(args=args, prog_name="curate", standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # typer.Exit(code) under standalone_mode=False
+            return rv
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except typer.Abort:
         console.error_line("aborted")
         return 130
-    except click.exceptions.ClickException as exc:  # usage errors from click/typer
-        exc.show()
-        return exc.exit_code if exc.exit_code else 2
+    except typer.TyperException as exc:  # usage errors from typer's parser (bad option, missing argument)
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            console.error_line(str(exc))
+        code = getattr(exc, "exit_code", 2)
+        return code if code else 2
     except CurateError as exc:
         if debug or console.state.debug:
             traceback.print_exc()

@@ -1,0 +1,122 @@
+"""Where embeddings live and how they are read back.
+
+The `embeddings` table maps (scorer, shard_id, kind) to an array: a `.npy` file in the
+workspace (`path`), or an uncompressed member of a DataComp `.npz` (`path` + `member` +
+byte `offset`). Arrays are row-aligned with the shard's samples (`samples.row_idx`) and read
+as memory maps, a chunk at a time: nothing here loads a whole pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+
+from .errors import UsageError
+from .stages.base import EmbeddingView
+
+
+@dataclass(frozen=True)
+class EmbeddingRef:
+    scorer: str
+    shard_id: int
+    kind: str
+    path: str
+    member: str | None
+    offset: int | None
+    dtype: str
+    n_rows: int
+    dim: int
+
+    def open(self) -> np.ndarray:
+        if self.member is None:
+            return np.load(self.path, mmap_mode="r")
+        return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", offset=int(self.offset),
+                         shape=(self.n_rows, self.dim))
+
+
+def register(manifest, ref: EmbeddingRef) -> None:
+    manifest.execute("DELETE FROM embeddings WHERE scorer = ? AND shard_id = ? AND kind = ?",
+                     [ref.scorer, ref.shard_id, ref.kind])
+    manifest.execute(
+        "INSERT INTO embeddings (scorer, shard_id, kind, path, member, byte_offset, dtype, n_rows, dim) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [ref.scorer, ref.shard_id, ref.kind, ref.path, ref.member, ref.offset, ref.dtype, ref.n_rows, ref.dim])
+
+
+def refs(manifest, scorer: str, kind: str) -> dict[int, EmbeddingRef]:
+    rows = manifest.execute(
+        "SELECT scorer, shard_id, kind, path, member, byte_offset, dtype, n_rows, dim FROM embeddings "
+        "WHERE scorer = ? AND kind = ?", [scorer, kind]).fetchall()
+    return {r[1]: EmbeddingRef(*r) for r in rows}
+
+
+def available(manifest) -> list[tuple[str, str, int, int]]:
+    """(scorer, kind, dim, rows) for every embedding set in the workspace."""
+    return [tuple(r) for r in manifest.execute(
+        "SELECT scorer, kind, max(dim), sum(n_rows) FROM embeddings GROUP BY ALL ORDER BY ALL").fetchall()]
+
+
+class ShardEmbeddingView(EmbeddingView):
+    """Embeddings for the rows of a frame with `shard_id` and `row_idx`, in frame order.
+
+    Reads shard by shard through memory maps and copies each chunk out, so resident memory
+    stays at one chunk however large the pool.
+    """
+
+    def __init__(self, frame: pl.DataFrame, shard_refs: dict[int, EmbeddingRef], scorer: str = "", kind: str = ""):
+        self.shard_ids = frame["shard_id"].to_numpy()
+        self.row_idx = frame["row_idx"].to_numpy()
+        self.refs = shard_refs
+        self.n = len(frame)
+        missing = set(np.unique(self.shard_ids).tolist()) - set(shard_refs)
+        if missing:
+            raise UsageError(f"no {kind} embeddings of scorer {scorer!r} for {len(missing)} shard(s) "
+                             f"(e.g. shard {min(missing)}); run `curate score` first")
+        dims = {r.dim for r in shard_refs.values()}
+        self.dim = dims.pop() if len(dims) == 1 else max(dims)
+
+    def _gather(self, sel: np.ndarray) -> np.ndarray:
+        out = np.empty((len(sel), self.dim), dtype=np.float32)
+        sid = self.shard_ids[sel]
+        rows = self.row_idx[sel]
+        order = np.argsort(sid, kind="stable")
+        sid_sorted = sid[order]
+        bounds = np.flatnonzero(np.diff(sid_sorted)) + 1
+        for group in np.split(order, bounds):
+            if len(group) == 0:
+                continue
+            arr = self.refs[int(sid[group[0]])].open()
+            r = rows[group]
+            rorder = np.argsort(r, kind="stable")
+            out[group[rorder]] = np.asarray(arr[r[rorder]], dtype=np.float32)
+            del arr
+        return out
+
+    def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.n, rows):
+            yield start, self._gather(np.arange(start, min(self.n, start + rows)))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self._gather(np.asarray(positions, dtype=np.int64))
+
+
+def store_shard_embeddings(ws, manifest, scorer: str, shard_id: int, kind: str, array: np.ndarray) -> EmbeddingRef:
+    """Write one shard's fp16 embeddings atomically and register them."""
+    from .workspace import atomic_save_npy
+
+    path = ws.embedding_path(scorer, shard_id, kind)
+    arr = np.ascontiguousarray(array, dtype=np.float16)
+    atomic_save_npy(path, arr)
+    ref = EmbeddingRef(scorer, shard_id, kind, str(path), None, None, "float16", int(arr.shape[0]), int(arr.shape[1]))
+    register(manifest, ref)
+    return ref
+
+
+def open_view(manifest, frame: pl.DataFrame, scorer: str, kind: str = "img") -> ShardEmbeddingView:
+    return ShardEmbeddingView(frame, refs(manifest, scorer, kind), scorer, kind)
+
+

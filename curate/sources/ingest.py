@@ -1,0 +1,436 @@
+"""Ingest: register a pool's shards and samples in the manifest, one shard per transaction.
+
+A shard is skipped when the same path with the same size and mtime, or the same content
+(SHA-256 fingerprint) under another path, was already ingested, so re-ingesting adds
+nothing. Each shard commits in one transaction: a crash loses at most the shard in flight,
+and a rerun picks it up. Per-record problems go to `sample_issues` (rejected or warning);
+a shard that cannot be read at all is recorded as failed with its error and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import console
+from ..embeddings import EmbeddingRef, register
+from ..errors import UsageError
+from ..uids import wds_uid
+from .detect import ShardUnit, expand_sources
+
+BATCH_ROWS = 65536
+
+SAMPLE_SCHEMA = {
+    "uid": pl.Utf8, "shard_id": pl.Int64, "key": pl.Utf8, "row_idx": pl.Int64, "url": pl.Utf8,
+    "caption": pl.Utf8, "width": pl.Int32, "height": pl.Int32, "sha256": pl.Utf8, "source": pl.Utf8,
+    "image_ext": pl.Utf8, "image_bytes": pl.Int64, "members": pl.Utf8, "tar_offset": pl.Int64,
+    "tar_end": pl.Int64, "status": pl.Utf8,
+}
+ISSUE_SCHEMA = {"run_id": pl.Int64, "shard_id": pl.Int64, "key": pl.Utf8, "uid": pl.Utf8,
+                "reason": pl.Utf8, "action": pl.Utf8, "detail": pl.Utf8}
+
+
+@dataclass
+class IngestSummary:
+    shards_seen: int = 0
+    shards_ingested: int = 0
+    shards_skipped: int = 0
+    shards_failed: int = 0
+    shards_damaged: int = 0
+    samples_added: int = 0
+    samples_attached: int = 0  # pending URL-table samples that a downloaded shard now holds
+    rejected: int = 0
+    warnings: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("failures", "skipped")}
+        d["failures"] = [{"path": p, "error": e} for p, e in self.failures]
+        return d
+
+
+def _issues_frame(rows: list[tuple], run_id: int, shard_id: int) -> pl.DataFrame:
+    if not rows:
+        return pl.DataFrame(schema=ISSUE_SCHEMA)
+    key, uid, reason, action, detail = zip(*rows)
+    return pl.DataFrame({"run_id": [run_id] * len(rows), "shard_id": [shard_id] * len(rows), "key": key,
+                         "uid": uid, "reason": reason, "action": action, "detail": detail}, schema=ISSUE_SCHEMA)
+
+
+class Ingester:
+    def __init__(self, ws, manifest, run_id: int, *, replace: bool = False):
+        self.ws, self.m, self.run_id, self.replace = ws, manifest, run_id, replace
+        self.summary = IngestSummary()
+
+    # ---- shard bookkeeping ---------------------------------------------------------------
+    def _precheck(self, unit: ShardUnit) -> tuple[bool, os.stat_result]:
+        """False when the shard is already in, unchanged. Clears failed or replaced earlier attempts."""
+        path = str(unit.path.resolve())
+        st = unit.path.stat()
+        size = st.st_size + (unit.npz.stat().st_size if unit.npz else 0)
+        prev = self.m.find_shard(path=path)
+        if prev is not None:
+            shard_id, pbytes, pmtime, _fp, pstatus = prev
+            unchanged = pbytes == size and pmtime is not None and abs(pmtime - st.st_mtime) < 1e-6
+            if pstatus in ("ok", "damaged") and unchanged:
+                self.summary.skipped.append((path, "already ingested"))
+                return False, st
+            if pstatus in ("ok", "damaged") and not self.replace:
+                raise _ShardError("changed since it was ingested (size or mtime differ); rerun with --replace")
+            self._forget_shard(shard_id)
+        return True, st
+
+    def _forget_shard(self, shard_id: int) -> None:
+        with self.m.transaction():
+            uids = "SELECT uid FROM samples WHERE shard_id = ?"
+            self.m.execute(f"DELETE FROM scores WHERE uid IN ({uids}) AND scorer LIKE 'datacomp-%'", [shard_id])
+            for table in ("samples", "sample_issues", "embeddings", "shards"):
+                self.m.execute(f"DELETE FROM {table} WHERE shard_id = ?", [shard_id])
+
+    def _same_content(self, fingerprint: str) -> str | None:
+        row = self.m.find_shard(fingerprint=fingerprint)
+        return row[1] if row else None
+
+    def _insert_shard_row(self, shard_id, unit, nbytes, mtime, fingerprint, status, error, extra) -> None:
+        self.m.execute(
+            "INSERT INTO shards (shard_id, path, format, n_samples, n_rejected, bytes, mtime, fingerprint, status, "
+            "error, run_id, ingested_at, extra) VALUES (?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, now(), ?)",
+            [shard_id, str(unit.path.resolve()), unit.format, nbytes, mtime, fingerprint, status, error,
+             self.run_id, json.dumps(extra or {}, default=str)])
+
+    def _finish_shard_row(self, shard_id: int) -> None:
+        self.m.execute(
+            "UPDATE shards SET n_samples = (SELECT count(*) FROM samples WHERE shard_id = $1), "
+            "n_rejected = (SELECT count(*) FROM sample_issues WHERE shard_id = $1 AND action = 'rejected') "
+            "WHERE shard_id = $1", [shard_id])
+
+    def _record_failure(self, unit: ShardUnit, error: str, st: os.stat_result | None) -> None:
+        self.summary.shards_failed += 1
+        self.summary.failures.append((str(unit.path), error))
+        with self.m.transaction():
+            shard_id = self.m.next_shard_id()
+            self._insert_shard_row(shard_id, unit, st.st_size if st else None, st.st_mtime if st else None,
+                                   None, "failed", error[:2000], None)
+        console.warn(f"{unit.path}: {error}")
+
+    # ---- sample insertion (shared by every format) -------------------------------------
+    def _add_samples(self, shard_id: int, df: pl.DataFrame, issues: list[tuple]) -> pl.DataFrame:
+        """Insert `df` (SAMPLE_SCHEMA columns) after uid checks; returns the rows inserted.
+
+        Problems are appended to `issues`."""
+        if df.height == 0:
+            return df
+        # Repeats inside this batch: the first stays.
+        first = df.select(pl.col("uid").is_first_distinct()).to_series()
+        if not first.all():
+            dups = df.filter(~first)
+            firsts = df.filter(first).select("uid", pl.col("key").alias("first_key"))
+            dups = dups.join(firsts, on="uid", how="left")
+            issues.extend(zip(dups["key"].to_list(), dups["uid"].to_list(), ["duplicate_uid"] * dups.height,
+                              ["rejected"] * dups.height,
+                              [f"same uid as key {k} in this shard" for k in dups["first_key"].to_list()]))
+            self.summary.rejected += dups.height
+            df = df.filter(first)
+        # Against what the workspace already holds.
+        self.m.con.register("_batch_uids", df.select("uid").to_arrow())
+        try:
+            existing = self.m.frame(
+                "SELECT s.uid, s.status, s.shard_id, s.key, sh.path FROM samples s JOIN _batch_uids b USING (uid) "
+                "LEFT JOIN shards sh ON sh.shard_id = s.shard_id")
+        finally:
+            self.m.con.unregister("_batch_uids")
+        if existing.height:
+            pending = existing.filter(pl.col("status") == "pending")
+            taken = existing.filter(pl.col("status") != "pending")
+            if pending.height and df["source"][0] == "wds":
+                att = df.join(pending.select("uid"), on="uid", how="semi")
+                self.m.con.register("_attach", att.to_arrow())
+                try:
+                    self.m.execute(
+                        "UPDATE samples SET shard_id = a.shard_id, key = a.key, row_idx = a.row_idx, "
+                        "url = coalesce(a.url, samples.url), caption = coalesce(samples.caption, a.caption), "
+                        "width = a.width, height = a.height, sha256 = a.sha256, image_ext = a.image_ext, "
+                        "image_bytes = a.image_bytes, members = a.members, tar_offset = a.tar_offset, "
+                        "tar_end = a.tar_end, status = 'ok' FROM _attach a WHERE samples.uid = a.uid "
+                        "AND samples.status = 'pending'")
+                finally:
+                    self.m.con.unregister("_attach")
+                self.summary.samples_attached += att.height
+                df = df.join(pending.select("uid"), on="uid", how="anti")
+            elif pending.height:
+                taken = existing
+            if taken.height:
+                dups = df.join(taken.select("uid", "path", pl.col("key").alias("prev_key")), on="uid", how="inner")
+                issues.extend(zip(dups["key"].to_list(), dups["uid"].to_list(), ["duplicate_uid"] * dups.height,
+                                  ["rejected"] * dups.height,
+                                  [f"uid already ingested from {p} key {k}" for p, k in
+                                   zip(dups["path"].to_list(), dups["prev_key"].to_list())]))
+                self.summary.rejected += dups.height
+                df = df.join(taken.select("uid"), on="uid", how="anti")
+        self.m.insert_arrow("samples", df.select(list(SAMPLE_SCHEMA)).to_arrow())
+        self.summary.samples_added += df.height
+        return df
+
+    def _add_issues(self, shard_id: int, issues: list[tuple]) -> None:
+        if issues:
+            self.m.insert_arrow("sample_issues", _issues_frame(issues, self.run_id, shard_id).to_arrow())
+
+    # ---- formats -------------------------------------------------------------------------
+    def ingest_wds(self, unit: ShardUnit, st: os.stat_result) -> None:
+        from .wds import read_download_status, read_wds_shard
+
+        try:
+            shard = read_wds_shard(unit.path)
+        except (tarfile.TarError, OSError) as exc:
+            raise _ShardError(str(exc)) from None
+        if shard.records == [] and shard.error and not shard.issues:
+            raise _ShardError(shard.error)
+        same = self._same_content(shard.fingerprint)
+        if same is not None:
+            self.summary.skipped.append((str(unit.path), f"same content as {same}"))
+            self.summary.shards_skipped += 1
+            return
+        recs = shard.records
+        # Records rejected for want of a json uid are still named by the uid they would have had.
+        issues = [(k, u if u is not None else wds_uid(shard.fingerprint, k), r, a, d) for k, u, r, a, d in shard.issues]
+        for rec in recs:
+            if rec.uid is None:
+                rec.uid = wds_uid(shard.fingerprint, rec.key)
+        failed_dl = read_download_status(unit.path)
+        with self.m.transaction():
+            shard_id = self.m.next_shard_id()
+            status = "damaged" if shard.error else "ok"
+            self._insert_shard_row(shard_id, unit, shard.nbytes, st.st_mtime, shard.fingerprint, status,
+                                   shard.error, {"img2dataset_stats": shard.stats} if shard.stats else None)
+            df = pl.DataFrame({
+                "uid": [r.uid for r in recs], "shard_id": [shard_id] * len(recs), "key": [r.key for r in recs],
+                "row_idx": list(range(len(recs))), "url": [r.url for r in recs],
+                "caption": [r.caption for r in recs], "width": [r.width for r in recs],
+                "height": [r.height for r in recs], "sha256": [r.sha256 for r in recs],
+                "source": ["wds"] * len(recs), "image_ext": [r.image_ext for r in recs],
+                "image_bytes": [r.image_bytes for r in recs], "members": [",".join(r.members) for r in recs],
+                "tar_offset": [r.tar_offset for r in recs], "tar_end": [r.tar_end for r in recs],
+                "status": ["ok"] * len(recs),
+            }, schema=SAMPLE_SCHEMA)
+            self._add_samples(shard_id, df, issues)
+            # row_idx must stay dense and aligned with what score writes: renumber after rejections.
+            self.m.execute(
+                "UPDATE samples SET row_idx = r.rn FROM (SELECT uid, row_number() OVER (ORDER BY tar_offset) - 1 AS rn "
+                "FROM samples WHERE shard_id = $1) r WHERE samples.uid = r.uid AND samples.shard_id = $1", [shard_id])
+            if failed_dl is not None and failed_dl.height:
+                self._record_failed_downloads(shard_id, failed_dl, issues)
+            self._add_issues(shard_id, issues)
+            self._finish_shard_row(shard_id)
+        self.summary.warnings += sum(1 for i in issues if i[3] == "warning")
+        self.summary.rejected += sum(1 for i in shard.issues if i[3] == "rejected")
+        if shard.error:
+            self.summary.shards_damaged += 1
+            self.summary.failures.append((str(unit.path), shard.error))
+            console.warn(f"{unit.path}: {shard.error}")
+
+    def _record_failed_downloads(self, shard_id: int, failed: pl.DataFrame, issues: list[tuple]) -> None:
+        def col(name):
+            return failed[name].cast(pl.Utf8).to_list() if name in failed.columns else [None] * failed.height
+
+        uids, keys, status, err = col("uid"), col("key"), col("status"), col("error_message")
+        for k, u, s, e in zip(keys, uids, status, err):
+            issues.append((k, u, "download_failed", "rejected", f"{s}: {e}" if e else str(s)))
+        known = [u for u in uids if u]
+        if known:
+            self.m.con.register("_failed", pa.table({"uid": known}))
+            try:
+                self.m.execute("UPDATE samples SET status = 'failed' FROM _failed f "
+                               "WHERE samples.uid = f.uid AND samples.status = 'pending'")
+            finally:
+                self.m.con.unregister("_failed")
+
+    def ingest_datacomp(self, unit: ShardUnit, st: os.stat_result) -> None:
+        from .datacomp import SCORE_COLUMNS, NpzError, copy_member_to_npy, inspect_npz, scorer_for_key
+
+        try:
+            pf = pq.ParquetFile(unit.path)
+        except Exception as exc:
+            raise _ShardError(f"unreadable parquet ({exc})") from None
+        names = set(pf.schema_arrow.names)
+        text_col = "text" if "text" in names else ("caption" if "caption" in names else None)
+        if "uid" not in names or text_col is None:
+            raise _ShardError(f"DataComp metadata needs uid and text columns; it has {', '.join(sorted(names))}")
+        n_rows = pf.metadata.num_rows
+        members = {}
+        if unit.npz is not None:
+            try:
+                members = inspect_npz(unit.npz)
+            except NpzError as exc:
+                raise _ShardError(str(exc)) from None
+            for key, mem in members.items():
+                if len(mem.shape) != 2 or mem.shape[0] != n_rows:
+                    raise _ShardError(f"row-count mismatch: {unit.path.name} has {n_rows} rows but "
+                                      f"{unit.npz.name}:{key} has shape {mem.shape}")
+        fingerprint = _file_fingerprint(unit.path, unit.npz)
+        same = self._same_content(fingerprint)
+        if same is not None:
+            self.summary.skipped.append((str(unit.path), f"same content as {same}"))
+            self.summary.shards_skipped += 1
+            return
+        nbytes = st.st_size + (unit.npz.stat().st_size if unit.npz else 0)
+        issues: list[tuple] = []
+        with self.m.transaction():
+            shard_id = self.m.next_shard_id()
+            self._insert_shard_row(shard_id, unit, nbytes, st.st_mtime, fingerprint, "ok", None,
+                                   {"npz": str(unit.npz) if unit.npz else None, "npz_keys": sorted(members)})
+            # Embeddings: registered in place when stored, else streamed into the workspace.
+            scorers_dims: dict[str, int] = {}
+            for key, mem in members.items():
+                scorer, kind = scorer_for_key(key)
+                scorers_dims.setdefault(scorer, mem.shape[1])
+                if mem.stored and not mem.fortran_order:
+                    ref = EmbeddingRef(scorer, shard_id, kind, str(unit.npz.resolve()), key, mem.data_offset,
+                                       mem.dtype.str, mem.shape[0], mem.shape[1])
+                else:
+                    dest = self.ws.embedding_path(scorer, shard_id, kind)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = dest.with_name(dest.name + ".partial.npy")
+                    copy_member_to_npy(unit.npz, mem, tmp)
+                    os.replace(tmp, dest)
+                    ref = EmbeddingRef(scorer, shard_id, kind, str(dest), None, None, mem.dtype.str,
+                                       mem.shape[0], mem.shape[1])
+                register(self.m, ref)
+            for scorer, dim in scorers_dims.items():
+                self.m.execute(
+                    "INSERT OR IGNORE INTO scorers (name, kind, spec, dim, params, run_id, created_at) "
+                    "VALUES (?, 'provided', 'DataComp metadata', ?, '{}', ?, now())", [scorer, dim, self.run_id])
+            score_cols = [c for c in SCORE_COLUMNS if c in names]
+            cols = ["uid", text_col] + [c for c in ("url", "original_width", "original_height", "sha256") if c in names]
+            start = 0
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols + score_cols):
+                b = pl.from_arrow(batch)
+                n = b.height
+                b = b.with_columns(pl.int_range(start, start + n, dtype=pl.Int64).alias("row_idx"))
+                start += n
+                uid_norm = pl.col("uid").cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+                b = b.with_columns(uid_norm.alias("_uid"), pl.col("uid").cast(pl.Utf8).alias("_uid_raw"))
+                bad = b.filter(pl.col("_uid").is_null() | ~pl.col("_uid").str.contains(r"^[0-9a-f]{32}$"))
+                if bad.height:
+                    issues.extend(zip(bad["row_idx"].cast(pl.Utf8).to_list(), [None] * bad.height,
+                                      ["bad_uid"] * bad.height, ["rejected"] * bad.height,
+                                      [f"uid {str(u)[:80]!r} is not 32 hex chars" for u in bad["_uid_raw"].to_list()]))
+                    self.summary.rejected += bad.height
+                    b = b.join(bad.select("row_idx"), on="row_idx", how="anti")
+                nocap = b.filter(pl.col(text_col).is_null())
+                if nocap.height:
+                    issues.extend(zip(nocap["row_idx"].cast(pl.Utf8).to_list(), nocap["_uid"].to_list(),
+                                      ["missing_caption"] * nocap.height, ["warning"] * nocap.height,
+                                      ["text is null"] * nocap.height))
+                def opt(c, dtype):
+                    return pl.col(c).cast(dtype, strict=False) if c in b.columns else pl.lit(None, dtype)
+                df = b.select(
+                    pl.col("_uid").alias("uid"), pl.lit(shard_id, pl.Int64).alias("shard_id"),
+                    pl.col("row_idx").cast(pl.Utf8).alias("key"), "row_idx", opt("url", pl.Utf8).alias("url"),
+                    pl.col(text_col).cast(pl.Utf8).alias("caption"),
+                    opt("original_width", pl.Int32).alias("width"), opt("original_height", pl.Int32).alias("height"),
+                    opt("sha256", pl.Utf8).alias("sha256"), pl.lit("datacomp").alias("source"),
+                    pl.lit(None, pl.Utf8).alias("image_ext"), pl.lit(None, pl.Int64).alias("image_bytes"),
+                    pl.lit(None, pl.Utf8).alias("members"), pl.lit(None, pl.Int64).alias("tar_offset"),
+                    pl.lit(None, pl.Int64).alias("tar_end"), pl.lit("ok").alias("status"),
+                )
+                inserted = self._add_samples(shard_id, df, issues)
+                if score_cols and inserted.height:
+                    kept = b.join(inserted.select("row_idx"), on="row_idx", how="semi")
+                    for c in score_cols:
+                        self.m.insert_arrow("scores", kept.select(
+                            pl.lit(SCORE_COLUMNS[c]).alias("scorer"), pl.col("_uid").alias("uid"),
+                            pl.col(c).cast(pl.Float32).alias("score")).to_arrow())
+            self._add_issues(shard_id, issues)
+            self._finish_shard_row(shard_id)
+        self.summary.warnings += sum(1 for i in issues if i[3] == "warning")
+
+    def ingest_urls(self, unit: ShardUnit, st: os.stat_result) -> None:
+        from .urls import read_url_table
+
+        table = read_url_table(unit.path)
+        same = self._same_content(table.fingerprint)
+        if same is not None:
+            self.summary.skipped.append((str(unit.path), f"same content as {same}"))
+            self.summary.shards_skipped += 1
+            return
+        frame = table.frame
+        issues = [tuple(x) for x in table.issues]
+        with self.m.transaction():
+            shard_id = self.m.next_shard_id()
+            self._insert_shard_row(shard_id, unit, st.st_size, st.st_mtime, table.fingerprint, "ok", None, None)
+            n = frame.height
+            df = frame.select(
+                pl.col("uid"), pl.lit(shard_id, pl.Int64).alias("shard_id"), pl.col("key").cast(pl.Utf8),
+                pl.int_range(0, n, dtype=pl.Int64).alias("row_idx"), pl.col("url").cast(pl.Utf8),
+                pl.col("caption").cast(pl.Utf8), pl.lit(None, pl.Int32).alias("width"),
+                pl.lit(None, pl.Int32).alias("height"), pl.lit(None, pl.Utf8).alias("sha256"),
+                pl.lit("urls").alias("source"), pl.lit(None, pl.Utf8).alias("image_ext"),
+                pl.lit(None, pl.Int64).alias("image_bytes"), pl.lit(None, pl.Utf8).alias("members"),
+                pl.lit(None, pl.Int64).alias("tar_offset"), pl.lit(None, pl.Int64).alias("tar_end"),
+                pl.lit("pending").alias("status"))
+            self._add_samples(shard_id, df, issues)
+            self._add_issues(shard_id, issues)
+            self._finish_shard_row(shard_id)
+        self.summary.rejected += sum(1 for i in table.issues if i[3] == "rejected")
+
+    # ---- driver ----------------------------------------------------------------------------
+    def ingest_unit(self, unit: ShardUnit) -> None:
+        self.summary.shards_seen += 1
+        st = None
+        try:
+            proceed, st = self._precheck(unit)
+            if not proceed:
+                self.summary.shards_skipped += 1
+                return
+            before = (self.summary.shards_skipped, self.summary.shards_failed)
+            getattr(self, f"ingest_{unit.format}")(unit, st)
+            if (self.summary.shards_skipped, self.summary.shards_failed) == before:
+                self.summary.shards_ingested += 1
+        except _ShardError as exc:
+            self._record_failure(unit, str(exc), st)
+        except UsageError:
+            raise
+        except (OSError, ValueError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
+            self._record_failure(unit, f"{type(exc).__name__}: {exc}", st)
+
+
+class _ShardError(Exception):
+    """This shard cannot be ingested; recorded and the rest goes on."""
+
+
+def _file_fingerprint(*paths: Path | None) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        if p is None:
+            continue
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def ingest_paths(ws, manifest, sources: list, fmt: str | None, run_id: int, *, replace: bool = False) -> IngestSummary:
+    units = expand_sources(sources, fmt)
+    ing = Ingester(ws, manifest, run_id, replace=replace)
+    t0 = time.perf_counter()
+    with console.progress() as bar:
+        task = bar.add_task("ingest", total=len(units))
+        for unit in units:
+            bar.update(task, description=f"ingest {unit.path.name}")
+            ing.ingest_unit(unit)
+            bar.advance(task)
+    ing.summary.__dict__["seconds"] = round(time.perf_counter() - t0, 3)
+    return ing.summary
