@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -147,7 +148,13 @@ class Manifest:
                     f"manifest {self.path} is in use by another curate process; wait for it to finish"
                 ) from None
             raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
+        # Bounded memory: DuckDB spills to the workspace's tmp/ rather than growing with the pool.
+        mem = os.environ.get("CURATE_DUCKDB_MEMORY", "1GB")
+        self.con.execute(f"SET memory_limit = '{mem}'")
         if not read_only:
+            tmp = self.path.parent / "tmp" / "duckdb"
+            tmp.mkdir(parents=True, exist_ok=True)
+            self.con.execute(f"SET temp_directory = '{tmp}'")
             self.init_schema()
 
     @classmethod
