@@ -102,12 +102,27 @@ class StageInput:
     embeddings: (scorer, kind) -> EmbeddingView, kind 'img' | 'txt' | 'img_flip'.
     seed: the run's seed.
     budget: for budget stages, the number of samples to keep (None elsewhere).
+    cache: a key-value store of numpy arrays the runner keeps in the workspace between runs
+        (`cache.get(key) -> dict[str, np.ndarray] | None`, `cache.put(key, arrays)`), so a stage can
+        reuse clusterings and pairwise similarities without doing file I/O itself. Keys should
+        include everything the cached value depends on (see `StageInput.fingerprint`).
     """
 
     frame: pl.DataFrame
     embeddings: dict[tuple[str, str], EmbeddingView] = field(default_factory=dict)
     seed: int = 0
     budget: int | None = None
+    cache: Any = None
+
+    def fingerprint(self) -> str:
+        """A short hash of the input uid set (order-independent), for cache keys."""
+        import hashlib
+
+        h = hashlib.sha256()
+        uids = self.frame["uid"].sort()
+        for start in range(0, len(uids), 1 << 20):
+            h.update("\n".join(uids.slice(start, 1 << 20).to_list()).encode())
+        return h.hexdigest()[:16]
 
     def embedding(self, scorer: str, kind: str = "img") -> EmbeddingView:
         try:
@@ -130,6 +145,7 @@ class StageResult:
 class Stage:
     name: ClassVar[str] = ""
     scope: ClassVar[str] = "row"  # "row" | "global"
+    uses_budget: ClassVar[bool] = False  # True: `curate prune --budget` sets inp.budget for this stage
 
     def params(self) -> dict:
         """The resolved parameters, recorded with the run."""

@@ -1,0 +1,216 @@
+"""The local executor: feeds a recipe's stages from the manifest and records their decisions.
+
+Row-scope stages get the surviving samples in partitions (bounded memory); global stages get
+them all at once. After each stage: its decisions go to `decisions` (one row per sample it
+saw), its funnel line to `stage_stats`, its artefacts to `runs/<run_id>/`; the next stage sees
+only what it kept. The whole run is one transaction: an interrupted prune leaves nothing
+half-recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .. import console
+from ..embeddings import open_view
+from ..errors import CurateError, UsageError
+from ..recipes import Recipe
+from ..stages.base import DECISION_COLUMNS, Stage, StageInput, get_stage
+from ..workspace import atomic_path, atomic_save_npy
+
+ROW_PARTITION = 1_000_000
+
+
+class ArrayCache:
+    """`StageInput.cache`: named groups of numpy arrays under WS/cache/<key>/, written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _dir(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+        return self.root / safe
+
+    def get(self, key: str) -> dict[str, np.ndarray] | None:
+        d = self._dir(key)
+        if not (d / "_complete.json").exists():
+            return None
+        names = json.loads((d / "_complete.json").read_text())["arrays"]
+        return {n: np.load(d / f"{n}.npy", mmap_mode="r") for n in names}
+
+    def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        d = self._dir(key)
+        d.mkdir(parents=True, exist_ok=True)
+        for n, a in arrays.items():
+            atomic_save_npy(d / f"{n}.npy", np.asarray(a))
+        with atomic_path(d / "_complete.json") as tmp:
+            tmp.write_text(json.dumps({"arrays": sorted(arrays)}))
+
+
+@dataclass
+class StageOutcome:
+    idx: int
+    id: str
+    stage: str
+    n_in: int
+    n_kept: int
+    seconds: float
+    params: dict
+    stats: dict = field(default_factory=dict)
+    top_reasons: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"stage": self.id, "in": self.n_in, "kept": self.n_kept, "dropped": self.n_in - self.n_kept,
+                "seconds": round(self.seconds, 3), "top_reasons": self.top_reasons, **({"stats": self.stats} if self.stats else {})}
+
+
+def resolve_budget(budget: str | float | int | None, n: int) -> int | None:
+    """A count ('50000') or a fraction of what reaches the budget stage ('0.3')."""
+    if budget is None:
+        return None
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise UsageError(f"--budget {budget!r}: give a count (50000) or a fraction (0.3)") from None
+    if b <= 0 or math.isnan(b):
+        raise UsageError(f"--budget {budget!r} must be positive")
+    if b < 1 or (isinstance(budget, str) and "." in budget and b <= 1):
+        return int(round(b * n))
+    if b != int(b):
+        raise UsageError(f"--budget {budget!r}: a count must be a whole number")
+    return int(b)
+
+
+def build_stages(recipe: Recipe) -> list[tuple[str, Stage]]:
+    out = []
+    for spec in recipe.stages:
+        cls = get_stage(spec.stage)
+        try:
+            out.append((spec.id, cls(**spec.params)))
+        except TypeError as exc:
+            raise UsageError(f"stage {spec.id!r} ({spec.stage}): {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"stage {spec.id!r} ({spec.stage}): {exc}") from None
+    return out
+
+
+def load_pool(manifest, scorers: list[str]) -> pl.DataFrame:
+    """Every usable sample with its columns and one `score__<scorer>` column per scorer."""
+    frame = manifest.frame(
+        "SELECT s.uid, s.shard_id, s.row_idx, s.key, s.url, s.caption, s.width, s.height, s.sha256, s.source, "
+        "s.image_ext, s.image_bytes, d.detail AS decode_error "
+        "FROM samples s LEFT JOIN (SELECT uid, any_value(detail) AS detail FROM sample_issues "
+        "WHERE action = 'unscored' GROUP BY uid) d USING (uid) "
+        "WHERE s.status = 'ok' ORDER BY s.shard_id, s.row_idx")
+    for sc in scorers:
+        col = manifest.frame("SELECT uid, score FROM scores WHERE scorer = ?", [sc])
+        if col.height == 0:
+            have = [r[0] for r in manifest.execute("SELECT DISTINCT scorer FROM scores ORDER BY 1").fetchall()]
+            raise UsageError(f"no scores of scorer {sc!r} in this workspace (have: {', '.join(have) or 'none'}); "
+                             f"run `curate score` or change the recipe's scorer")
+        frame = frame.join(col.rename({"score": f"score__{sc}"}), on="uid", how="left")
+    return frame
+
+
+def _check_decisions(sid: str, alive: pl.DataFrame, dec: pl.DataFrame) -> pl.DataFrame:
+    missing = [c for c in ("uid", "keep") if c not in dec.columns]
+    if missing:
+        raise CurateError(f"stage {sid} returned decisions without {missing}")
+    for c, t in DECISION_COLUMNS.items():
+        dec = dec.with_columns(pl.col(c).cast(t)) if c in dec.columns else dec.with_columns(pl.lit(None, t).alias(c))
+    dec = dec.select(list(DECISION_COLUMNS))
+    if dec.height != alive.height or dec["uid"].n_unique() != dec.height:
+        raise CurateError(f"stage {sid} returned {dec.height} decisions for {alive.height} samples")
+    if dec.join(alive.select("uid"), on="uid", how="anti").height:
+        raise CurateError(f"stage {sid} returned decisions for samples it was not given")
+    return dec
+
+
+def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, record: bool = True) -> dict:
+    stages = build_stages(recipe)
+    budget_stages = [sid for sid, st in stages if st.uses_budget]
+    if budget is not None and not budget_stages:
+        raise UsageError(f"--budget given but recipe {recipe.name} has no budget stage (dbp, ssp, random, ...)")
+    if len(budget_stages) > 1:
+        raise UsageError(f"recipe {recipe.name} has several budget stages: {budget_stages}")
+    scorers = sorted({s for _, st in stages for s in st.needs_scores()})
+    alive = load_pool(manifest, scorers)
+    n_pool = alive.height
+    if n_pool == 0:
+        raise UsageError("the workspace has no usable samples; ingest a pool first")
+    cache = ArrayCache(ws.root / "cache")
+    run_dir = ws.run_dir(run_id) if record else None
+    outcomes: list[StageOutcome] = []
+    warnings: list[str] = []
+    with console.progress() as bar:
+        task = bar.add_task("prune", total=len(stages))
+        for idx, (sid, stage) in enumerate(stages):
+            bar.update(task, description=f"{sid} ({alive.height:,} in)")
+            t0 = time.perf_counter()
+            b = None
+            if stage.uses_budget:
+                b = resolve_budget(budget, alive.height) if budget is not None else None
+                if b is None:
+                    b = resolve_budget(stage.params().get("budget"), alive.height) if stage.params().get("budget") is not None else None
+                if b is None:
+                    raise UsageError(f"stage {sid} needs a budget: pass --budget N or 0.F")
+                if b > alive.height:
+                    warnings.append(f"budget {b:,} exceeds the {alive.height:,} samples that reach {sid}; all are kept")
+            stats: dict = {}
+            artefacts: dict = {}
+            if stage.scope == "row" and not stage.needs_embeddings() and alive.height > ROW_PARTITION:
+                parts = []
+                for start in range(0, alive.height, ROW_PARTITION):
+                    part = alive.slice(start, ROW_PARTITION)
+                    parts.append(stage.apply(StageInput(part, {}, recipe.seed, b, cache)).decisions)
+                dec = pl.concat(parts)
+            else:
+                views = {(sc, kind): open_view(manifest, alive, sc, kind) for sc, kind in stage.needs_embeddings()}
+                res = stage.apply(StageInput(alive, views, recipe.seed, b, cache))
+                dec, stats, artefacts = res.decisions, res.stats, res.artefacts
+            dec = _check_decisions(sid, alive, dec)
+            seconds = time.perf_counter() - t0
+            kept = dec.filter(pl.col("keep")).select("uid")
+            top = (dec.filter(~pl.col("keep")).group_by("reason").len().sort("len", descending=True).head(5)
+                   .rows())
+            out = StageOutcome(idx, sid, stage.name, alive.height, kept.height, seconds, stage.params(), stats,
+                               [{"reason": r, "n": n} for r, n in top])
+            outcomes.append(out)
+            if record:
+                manifest.insert_arrow("decisions", dec.select(
+                    pl.lit(run_id, pl.Int64).alias("run_id"), pl.lit(idx, pl.Int32).alias("stage_idx"),
+                    pl.lit(sid).alias("stage"), *DECISION_COLUMNS).to_arrow())
+                manifest.execute(
+                    "INSERT INTO stage_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, idx, sid, out.n_in, out.n_kept, out.n_in - out.n_kept, seconds,
+                     json.dumps({"stage": stage.name, "params": stage.params(), "stats": stats}, default=str)])
+                _save_artefacts(run_dir, sid, artefacts)
+            alive = alive.join(kept, on="uid", how="semi")
+            bar.advance(task)
+    for w in warnings:
+        console.warn(w)
+    return {"recipe": recipe.name, "pool": n_pool, "kept": alive.height,
+            "kept_fraction": round(alive.height / n_pool, 6) if n_pool else 0.0,
+            "funnel": [o.as_dict() for o in outcomes], "warnings": warnings}
+
+
+def _save_artefacts(run_dir: Path | None, sid: str, artefacts: dict) -> None:
+    if run_dir is None:
+        return
+    for name, obj in artefacts.items():
+        base = run_dir / f"{sid}.{name}"
+        if isinstance(obj, pl.DataFrame):
+            with atomic_path(base.with_suffix(base.suffix + ".parquet"), suffix=".parquet") as tmp:
+                obj.write_parquet(tmp)
+        elif isinstance(obj, np.ndarray):
+            atomic_save_npy(base.with_suffix(base.suffix + ".npy"), obj)
+        else:
+            with atomic_path(base.with_suffix(base.suffix + ".json")) as tmp:
+                tmp.write_text(json.dumps(obj, default=str, indent=2))

@@ -1,0 +1,116 @@
+"""Recipes: TOML files listing stages and their parameters (`pipelines/*.toml`).
+
+    name = "datacomp_basic"
+    description = "DataComp's basic filter"
+    seed = 0
+
+    [[stages]]
+    stage = "basic"            # a registered stage name (curate.stages)
+    # id = "basic"             # optional: how --set addresses it (default: the stage name)
+    # ... parameters ...
+
+`--set ID.PARAM=VALUE` overrides a parameter (VALUE is read as a TOML value, else as a
+string); `--set seed=3` sets the recipe's seed. A recipe is found by path, or by name in
+./pipelines/ and then in the pipelines shipped with curate.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+SHIPPED = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+@dataclass
+class StageSpec:
+    id: str
+    stage: str
+    params: dict
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: str
+    description: str = ""
+    seed: int = 0
+    stages: list[StageSpec] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "description": self.description, "seed": self.seed,
+                "stages": [{"id": s.id, "stage": s.stage, "params": s.params} for s in self.stages]}
+
+
+def find_recipe(ref: str) -> Path:
+    p = Path(ref)
+    if p.exists():
+        return p
+    for base in (Path.cwd() / "pipelines", SHIPPED):
+        for cand in (base / ref, base / f"{ref}.toml"):
+            if cand.exists():
+                return cand
+    shipped = sorted(x.stem for x in SHIPPED.glob("*.toml")) if SHIPPED.exists() else []
+    raise UsageError(f"no recipe {ref!r}; give a path or one of: {', '.join(shipped) or 'none shipped'}")
+
+
+def parse_recipe(text: str, path: str = "<string>") -> Recipe:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"recipe {path}: {exc}") from None
+    stages_raw = data.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise UsageError(f"recipe {path} has no [[stages]]")
+    stages, seen = [], set()
+    for i, st in enumerate(stages_raw):
+        st = dict(st)
+        name = st.pop("stage", None)
+        if not name:
+            raise UsageError(f"recipe {path}: stage #{i + 1} has no `stage = \"...\"`")
+        sid = st.pop("id", name)
+        if sid in seen:
+            raise UsageError(f"recipe {path}: two stages with id {sid!r}; give one an `id`")
+        seen.add(sid)
+        stages.append(StageSpec(sid, name, st))
+    unknown = set(data) - {"name", "description", "seed", "stages"}
+    if unknown:
+        raise UsageError(f"recipe {path}: unknown top-level keys {sorted(unknown)}")
+    return Recipe(name=data.get("name", Path(path).stem), path=str(path), description=data.get("description", ""),
+                  seed=int(data.get("seed", 0)), stages=stages)
+
+
+def load_recipe(ref: str) -> Recipe:
+    path = find_recipe(ref)
+    return parse_recipe(path.read_text(), str(path))
+
+
+def _parse_value(raw: str):
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
+    recipe = copy.deepcopy(recipe)
+    by_id = {s.id: s for s in recipe.stages}
+    for item in sets:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected ID.PARAM=VALUE or seed=N")
+        lhs, raw = item.split("=", 1)
+        lhs = lhs.strip()
+        if lhs == "seed":
+            recipe.seed = int(_parse_value(raw))
+            continue
+        if "." not in lhs:
+            raise UsageError(f"--set {item!r}: expected ID.PARAM=VALUE (stage ids: {', '.join(by_id)})")
+        sid, param = lhs.split(".", 1)
+        if sid not in by_id:
+            raise UsageError(f"--set {item!r}: no stage with id {sid!r} (stage ids: {', '.join(by_id)})")
+        by_id[sid].params[param] = _parse_value(raw.strip())
+    return recipe
