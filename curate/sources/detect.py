@@ -4,6 +4,7 @@ Rules: `*.tar` (also .tar.gz/.tgz) → wds; `<stem>.parquet` with a sibling `<st
 (a parquet with DataComp's columns but no npz too); other `*.parquet|csv|tsv|jsonl|json` → urls.
 A folder is expanded to the files it holds (not recursively), skipping img2dataset sidecars
 (`NNNNN.parquet` beside `NNNNN.tar`, `*_stats.json`) and curate's own `_truth.parquet`.
+URL lists in other forms (`.txt`, `.csv.gz`, ...) are taken when named explicitly or with `--format urls`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,16 @@ def _parquet_columns(p: Path) -> set[str]:
         return set()
 
 
-def _classify_file(p: Path, forced: str | None, siblings: set[str]) -> ShardUnit | None:
+def _url_table_kind(p: Path) -> str | None:
+    from .urls import detect_format
+
+    try:
+        return detect_format(p)
+    except UsageError:
+        return None
+
+
+def _classify_file(p: Path, forced: str | None, siblings: set[str], explicit: bool = False) -> ShardUnit | None:
     name = p.name
     if _is_tar(p):
         if forced not in (None, "wds"):
@@ -57,6 +67,10 @@ def _classify_file(p: Path, forced: str | None, siblings: set[str]) -> ShardUnit
     if name.endswith(".npz"):
         return None  # picked up with its parquet
     if not name.endswith(TABLE_SUFFIXES):
+        # Compressed tables and plain URL lists (.txt) only when named or forced: a folder's
+        # README.txt is not a URL list.
+        if (explicit or forced == "urls") and forced in (None, "urls") and _url_table_kind(p) is not None:
+            return ShardUnit(p, "urls")
         return None
     stem = _stem(p)
     if name == "_truth.parquet" or name.endswith("_stats.json"):
@@ -93,7 +107,7 @@ def expand_sources(sources: list[str | Path], fmt: str | None = None) -> list[Sh
                     raise UsageError(f"{p} holds no tar shards, DataComp metadata or URL tables")
                 units.extend(found)
             else:
-                u = _classify_file(p, fmt, {x.name for x in p.parent.iterdir()})
+                u = _classify_file(p, fmt, {x.name for x in p.parent.iterdir()}, explicit=True)
                 if u is None:
                     raise UsageError(f"{p}: not a format curate ingests (.tar, .parquet+.npz, .parquet/.csv/.jsonl)")
                 units.append(u)

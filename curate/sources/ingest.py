@@ -150,8 +150,10 @@ class Ingester:
         finally:
             self.m.con.unregister("_batch_uids")
         if existing.height:
-            pending = existing.filter(pl.col("status") == "pending")
-            taken = existing.filter(pl.col("status") != "pending")
+            # URL-table rows not downloaded yet, or whose download failed before, are completed by
+            # the shard that now holds their image.
+            pending = existing.filter(pl.col("status").is_in(["pending", "failed"]))
+            taken = existing.filter(~pl.col("status").is_in(["pending", "failed"]))
             if pending.height and df["source"][0] == "wds":
                 att = df.join(pending.select("uid"), on="uid", how="semi")
                 self.m.con.register("_attach", att.to_arrow())
@@ -162,7 +164,7 @@ class Ingester:
                         "width = a.width, height = a.height, sha256 = a.sha256, image_ext = a.image_ext, "
                         "image_bytes = a.image_bytes, members = a.members, tar_offset = a.tar_offset, "
                         "tar_end = a.tar_end, status = 'ok' FROM _attach a WHERE samples.uid = a.uid "
-                        "AND samples.status = 'pending'")
+                        "AND samples.status IN ('pending', 'failed')")
                 finally:
                     self.m.con.unregister("_attach")
                 self.summary.samples_attached += att.height
