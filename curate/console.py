@@ -85,7 +85,9 @@ def emit(summary: dict, *, title: str | None = None) -> None:
     table.add_column(style="bold")
     table.add_column()
     for k, v in summary.items():
-        if isinstance(v, float):
+        if isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif isinstance(v, float):
             v = f"{v:,.4g}"
         elif isinstance(v, int):
             v = f"{v:,}"
