@@ -246,3 +246,46 @@ def test_cli_conventions(tmp_path):
     assert "Example" in proc.stdout
     proc = run_cli("status", check=False, env={"CURATE_WORKSPACE": ""})
     assert proc.returncode == 2 and "CURATE_WORKSPACE" in proc.stderr
+
+
+def test_synth_pool_every_record_accounted_for(tmp_path):
+    """The issue's check: synth --layout wds then ingest: every record is a sample or has a reason;
+    a second ingest adds no rows."""
+    import polars as pl
+
+    pool, ws = tmp_path / "pool", tmp_path / "ws"
+    run_cli("synth", pool, "--layout", "wds", "--n", "600", "--seed", "3", "--shard-size", "250", "--no-uid")
+    first = run_json("ingest", pool, "-w", ws)
+    truth = pl.read_parquet(pool / "_truth.parquet")
+    con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
+    samples = pl.from_arrow(con.sql(
+        "SELECT regexp_extract(sh.path, '[^/]+$') AS shard, s.key FROM samples s JOIN shards sh USING (shard_id)"
+    ).to_arrow_table())
+    rejected = pl.from_arrow(con.sql(
+        "SELECT regexp_extract(sh.path, '[^/]+$') AS shard, i.key, i.reason FROM sample_issues i "
+        "JOIN shards sh USING (shard_id) WHERE i.action = 'rejected'").to_arrow_table())
+    con.close()
+    accounted = pl.concat([samples.select("shard", "key"), rejected.select("shard", "key")])
+    assert accounted.height == accounted.unique().height, "no record is both a sample and rejected"
+    missing = truth.select("shard", "key").join(accounted, on=["shard", "key"], how="anti")
+    assert missing.height == 0, f"records neither ingested nor explained: {missing.head()}"
+    # the reasons match what was injected
+    reasons = truth.join(rejected, on=["shard", "key"]).group_by("image_kind", "reason").len()
+    kinds = {(k, r) for k, r, _ in reasons.rows()}
+    assert ("failed_download", "download_failed") in kinds and ("missing_image", "missing_image") in kinds
+    assert {r for k, r in kinds if k in ("corrupt", "non_image")} <= {"not_an_image"}
+    again = run_json("ingest", pool, "-w", ws)
+    assert again["samples_added"] == 0 and first["samples_added"] == samples.height
+
+
+def test_synth_datacomp_pool(tmp_path):
+    import polars as pl
+
+    pool, ws = tmp_path / "pool", tmp_path / "ws"
+    run_cli("synth", pool, "--layout", "datacomp", "--n", "3000", "--seed", "1", "--shard-size", "1000")
+    out = run_json("ingest", pool, "-w", ws)
+    assert out["samples_added"] == 3000 and out["shards_ingested"] == 3
+    truth = pl.read_parquet(pool / "_truth.parquet")
+    got = {r[0] for r in q(ws, "SELECT uid FROM samples")}
+    assert got == set(truth["uid"].to_list())
+    assert q(ws, "SELECT count(*) FROM embeddings WHERE member IS NOT NULL")[0][0] == 12
