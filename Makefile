@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev
+export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: demo test install bench clean
 
