@@ -82,7 +82,7 @@ SCHEMA = [
     )""",
     """CREATE TABLE IF NOT EXISTS scorers (
         name        VARCHAR PRIMARY KEY,
-        kind        VARCHAR,          -- provided (came with the pool) | open_clip | checkpoint
+        kind        VARCHAR,          -- provided (came with the pool) | open_clip | hf_hub | local_dir | checkpoint
         spec        VARCHAR,
         dim         INTEGER,
         params      VARCHAR,          -- JSON
