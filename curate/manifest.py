@@ -191,8 +191,14 @@ class Manifest:
         rel = self.con.sql(sql, params=params) if params is not None else self.con.sql(sql)
         return pl.from_arrow(rel.to_arrow_table())
 
+    def one(self, sql: str, params: Any = None):
+        """The first row, or None. Fetches the whole result: DuckDB refuses further work on a
+        connection while a result is only partly read."""
+        rows = self.execute(sql, params).fetchall()
+        return rows[0] if rows else None
+
     def scalar(self, sql: str, params: Any = None):
-        row = self.execute(sql, params).fetchone()
+        row = self.one(sql, params)
         return None if row is None else row[0]
 
     @contextlib.contextmanager
@@ -256,12 +262,12 @@ class Manifest:
     def find_shard(self, *, path: str | None = None, fingerprint: str | None = None):
         """The ok shard with this path (same size/mtime checked by the caller) or fingerprint."""
         if path is not None:
-            return self.execute(
+            return self.one(
                 "SELECT shard_id, bytes, mtime, fingerprint, status FROM shards WHERE path = ? "
-                "ORDER BY shard_id DESC LIMIT 1", [path]).fetchone()
-        return self.execute(
+                "ORDER BY shard_id DESC LIMIT 1", [path])
+        return self.one(
             "SELECT shard_id, path, status FROM shards WHERE fingerprint = ? AND status = 'ok' LIMIT 1",
-            [fingerprint]).fetchone()
+            [fingerprint])
 
 
 class RunRecord:

@@ -15,12 +15,12 @@ from .errors import UsageError
 def resolve_run(manifest, run_id: int | None) -> int:
     """The given prune run (checked), or the latest finished one."""
     if run_id is None:
-        row = manifest.execute(
-            "SELECT run_id FROM runs WHERE command = 'prune' AND status = 'ok' ORDER BY run_id DESC LIMIT 1").fetchone()
+        row = manifest.one(
+            "SELECT run_id FROM runs WHERE command = 'prune' AND status = 'ok' ORDER BY run_id DESC LIMIT 1")
         if row is None:
             raise UsageError("no finished prune run in this workspace; run `curate prune` first or pass --run")
         return int(row[0])
-    row = manifest.execute("SELECT command, status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    row = manifest.one("SELECT command, status FROM runs WHERE run_id = ?", [run_id])
     if row is None:
         raise UsageError(f"no run {run_id} in this workspace")
     if row[0] != "prune" or row[1] != "ok":

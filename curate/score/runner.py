@@ -1,0 +1,377 @@
+"""`curate score`: stream the pool's image shards through one or more models, shard by shard.
+
+Data path: an IterableDataset hands each DataLoader worker whole shards; a worker reads the
+sample byte ranges recorded at ingest (sequential reads), and yields batches that never cross a
+shard boundary, already decoded, resized and tokenised by the shared `SampleCollator`. Because
+a shard is always cut into the same batches, its outputs do not depend on what ran before it:
+a resumed run writes exactly what an uninterrupted one would have.
+
+Outputs per shard and scorer: `embeddings/<scorer>/<shard>.{img,txt[,img_flip]}.npy` (fp16,
+row-aligned with `samples.row_idx`, zeros where the image failed), written atomically, then
+one manifest transaction registers them with the scores (fp32 cosine; NULL where the image
+failed or the caption is empty) and the per-sample failures (`sample_issues`, action
+`unscored`). A shard is finished when that transaction commits; finished shards are skipped on
+rerun unless `force`. With several GPUs, one process per GPU scores a disjoint set of shards
+and the parent registers what they write.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import torch
+
+from .. import console
+from ..embeddings import EmbeddingRef, register
+from ..errors import UsageError
+from ..workspace import atomic_path, atomic_save_npy
+
+FLIP_SUFFIX = ":flip"
+
+
+@dataclass
+class ShardJob:
+    shard_id: int
+    path: str
+    n_rows: int
+    rows: list[int]
+    uids: list[str]
+    keys: list[str]
+    offsets: list[int]
+    ends: list[int]
+    exts: list[str]
+    captions: list[str | None]
+
+
+@dataclass
+class ScoreOptions:
+    batch_size: int = 64
+    workers: int = 1
+    flip: bool = False
+    max_pixels: int | None = None
+    preprocess: str = "fast"  # fast | exact
+
+
+def plan_jobs(manifest, scorer_names: list[str], *, flip: bool, force: bool) -> tuple[list[ShardJob], int]:
+    """The image shards still to score (and how many are already done)."""
+    frame = manifest.frame(
+        "SELECT s.shard_id, sh.path, s.row_idx, s.uid, s.key, s.tar_offset, s.tar_end, s.image_ext, s.caption "
+        "FROM samples s JOIN shards sh USING (shard_id) "
+        "WHERE s.status = 'ok' AND s.image_ext IS NOT NULL AND sh.format = 'wds' "
+        "ORDER BY s.shard_id, s.row_idx")
+    if frame.height == 0:
+        return [], 0
+    kinds = ["img", "txt"] + (["img_flip"] if flip else [])
+    done: set[int] | None = None
+    for name in scorer_names:
+        for kind in kinds:
+            have = {r[0] for r in manifest.execute(
+                "SELECT shard_id FROM embeddings WHERE scorer = ? AND kind = ?", [name, kind]).fetchall()}
+            done = have if done is None else done & have
+    done = set() if force or done is None else done
+    jobs = []
+    n_done = 0
+    for (sid,), g in frame.group_by(["shard_id"], maintain_order=True):
+        if sid in done:
+            n_done += 1
+            continue
+        jobs.append(ShardJob(int(sid), g["path"][0], int(g["row_idx"].max()) + 1, g["row_idx"].to_list(),
+                             g["uid"].to_list(), g["key"].to_list(), g["tar_offset"].to_list(),
+                             g["tar_end"].to_list(), g["image_ext"].to_list(), g["caption"].to_list()))
+    return jobs, n_done
+
+
+def read_member(fh, offset: int, end: int, ext: str) -> bytes | None:
+    """The `ext` member of the sample whose tar members span [offset, end)."""
+    fh.seek(offset)
+    blob = fh.read(end - offset)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tf:
+            for info in tf:
+                name = info.name.rsplit("/", 1)[-1]
+                if info.isfile() and name.split(".", 1)[-1].lower() == ext:
+                    f = tf.extractfile(info)
+                    return f.read() if f else None
+    except tarfile.TarError:
+        return None
+    return None
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Yields (shard_id, positions, PreparedBatch) per batch; each worker takes every k-th shard."""
+
+    def __init__(self, jobs: list[ShardJob], collator, batch_size: int):
+        self.jobs, self.collator, self.batch_size = jobs, collator, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for j, job in enumerate(self.jobs):
+            if j % nw != wid:
+                continue
+            with open(job.path, "rb") as fh:
+                for start in range(0, len(job.rows), self.batch_size):
+                    stop = min(len(job.rows), start + self.batch_size)
+                    samples = [(i, read_member(fh, job.offsets[i], job.ends[i], job.exts[i]), job.captions[i])
+                               for i in range(start, stop)]
+                    yield job.shard_id, np.arange(start, stop), self.collator(samples)
+
+
+@dataclass
+class _Acc:
+    job: ShardJob
+    filled: int = 0
+    arrays: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    reasons: list = field(default_factory=list)
+
+
+def _new_acc(job: ShardJob, models, flip: bool) -> _Acc:
+    acc = _Acc(job)
+    n = len(job.rows)
+    for m in models:
+        kinds = ["img", "txt"] + (["img_flip"] if flip else [])
+        for k in kinds:
+            acc.arrays[(m.name, k)] = np.zeros((job.n_rows, m.embed_dim), dtype=np.float16)
+        acc.scores[m.name] = np.full(n, np.nan, dtype=np.float32)
+        if flip:
+            acc.scores[m.name + FLIP_SUFFIX] = np.full(n, np.nan, dtype=np.float32)
+    acc.reasons = [None] * n
+    return acc
+
+
+def result_dir(ws) -> Path:
+    d = ws.root / "tmp" / "score"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_shard_outputs(ws, acc: _Acc, flip: bool) -> Path:
+    """Write a finished shard's arrays atomically, and a small result file for registration."""
+    job = acc.job
+    files = []
+    for (name, kind), arr in acc.arrays.items():
+        path = ws.embedding_path(name, job.shard_id, kind)
+        atomic_save_npy(path, np.nan_to_num(arr, nan=0.0))
+        files.append({"scorer": name, "kind": kind, "path": str(path), "n_rows": arr.shape[0], "dim": arr.shape[1]})
+    empty = [c is None or not str(c).strip() for c in job.captions]
+    scores = {}
+    for name, s in acc.scores.items():
+        s = s.copy()
+        s[np.asarray(empty, dtype=bool)] = np.nan
+        scores[name] = s
+    result = pl.DataFrame({"uid": job.uids, "key": job.keys,
+                           "reason": [r[0] if r else None for r in acc.reasons],
+                           "detail": [r[1] if r else None for r in acc.reasons],
+                           "empty_caption": empty,
+                           **{f"score::{k}": v for k, v in scores.items()}})
+    out = result_dir(ws) / f"{job.shard_id:08d}.parquet"
+    # The parquet is written last: its presence means the shard's outputs are complete.
+    with atomic_path(out.with_suffix(".files.json")) as tmp:
+        tmp.write_text(json.dumps(files))
+    with atomic_path(out, suffix=".parquet") as tmp:
+        result.write_parquet(tmp)
+    return out
+
+
+def register_shard(manifest, ws, shard_id: int, run_id: int, scorer_rows: list[dict]) -> dict:
+    """Register a shard's outputs (result parquet + arrays) in one transaction; idempotent."""
+    rpath = result_dir(ws) / f"{shard_id:08d}.parquet"
+    files = json.loads(rpath.with_suffix(".files.json").read_text())
+    res = pl.read_parquet(rpath)
+    counts = {"failed": 0, "empty_caption": 0}
+    with manifest.transaction():
+        for s in scorer_rows:
+            manifest.execute("INSERT OR IGNORE INTO scorers (name, kind, spec, dim, params, run_id, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, now())",
+                             [s["name"], s["kind"], s["spec"], s["dim"], s["params"], run_id])
+        for f in files:
+            register(manifest, EmbeddingRef(f["scorer"], shard_id, f["kind"], f["path"], None, None, "<f2",
+                                            f["n_rows"], f["dim"]))
+        manifest.con.register("_res", res.to_arrow())
+        try:
+            for col in [c for c in res.columns if c.startswith("score::")]:
+                name = col[len("score::"):]
+                manifest.execute("DELETE FROM scores WHERE scorer = ? AND uid IN (SELECT uid FROM _res)", [name])
+                manifest.execute(f'INSERT INTO scores SELECT ?, uid, "{col}"::FLOAT FROM _res', [name])
+                manifest.execute(f'UPDATE scores SET score = NULL WHERE scorer = ? AND isnan(score) '
+                                 f'AND uid IN (SELECT uid FROM _res)', [name])
+            manifest.execute("DELETE FROM sample_issues WHERE shard_id = ? AND action = 'unscored'", [shard_id])
+            manifest.execute(
+                "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'undecodable', 'unscored', "
+                "reason || coalesce(': ' || detail, '') FROM _res WHERE reason IS NOT NULL", [run_id, shard_id])
+            manifest.execute(
+                "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'empty_caption', 'unscored', "
+                "'no caption to score' FROM _res WHERE empty_caption AND reason IS NULL", [run_id, shard_id])
+        finally:
+            manifest.con.unregister("_res")
+    counts["failed"] = int(res["reason"].is_not_null().sum())
+    counts["empty_caption"] = int((res["empty_caption"] & res["reason"].is_null()).sum())
+    rpath.unlink(missing_ok=True)
+    rpath.with_suffix(".files.json").unlink(missing_ok=True)
+    return counts
+
+
+def score_jobs(ws, jobs: list[ShardJob], models, opts: ScoreOptions, on_shard_done, on_batch=None) -> None:
+    """Score `jobs` with `models` (all on one device); call on_shard_done(shard_id) as each finishes."""
+    from .infer import MultiScorer
+
+    scorer = MultiScorer(models, flip=opts.flip)
+    kwargs = {}
+    if opts.max_pixels:
+        kwargs["max_pixels"] = opts.max_pixels
+    if opts.preprocess == "exact":
+        kwargs.update(resize_backend="pil", draft=False)
+    collate = scorer.collator(**kwargs)
+    device = models[0].device
+    workers = max(0, min(opts.workers, len(jobs)))
+    loader = torch.utils.data.DataLoader(
+        ShardBatches(jobs, collate, opts.batch_size), batch_size=None, collate_fn=_as_is, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers else None)
+    accs: dict[int, _Acc] = {}
+    by_id = {j.shard_id: j for j in jobs}
+    for shard_id, positions, batch in loader:
+        acc = accs.get(shard_id)
+        if acc is None:
+            acc = accs[shard_id] = _new_acc(by_id[shard_id], models, opts.flip)
+        outs = scorer.score(batch)
+        rows = np.asarray([acc.job.rows[p] for p in positions])
+        for name, o in outs.items():
+            acc.arrays[(name, "img")][rows] = o.img
+            acc.arrays[(name, "txt")][rows] = o.txt
+            acc.scores[name][positions] = o.score
+            if opts.flip:
+                acc.arrays[(name, "img_flip")][rows] = o.img_flip
+                acc.scores[name + FLIP_SUFFIX][positions] = o.score_flip
+        for p, r, d in zip(positions, batch.reasons, batch.details):
+            if r is not None:
+                acc.reasons[p] = (r, d)
+        acc.filled += len(positions)
+        if on_batch:
+            on_batch(len(positions))
+        if acc.filled == len(acc.job.rows):
+            write_shard_outputs(ws, acc, opts.flip)
+            del accs[shard_id]
+            on_shard_done(shard_id)
+
+
+def _as_is(item):
+    """The dataset yields finished batches; keep numpy positions as they are (no tensor conversion)."""
+    return item
+
+
+def _gpu_worker(ws_root: str, device: str, jobs: list[ShardJob], specs, cache_dir, opts: ScoreOptions, q) -> None:
+    """One process per GPU: score a disjoint set of shards, report each finished shard."""
+    from ..models.loader import load_models
+    from ..workspace import Workspace
+
+    try:
+        models = load_models(specs, device, cache_dir=cache_dir)
+        score_jobs(Workspace(Path(ws_root)), jobs, models, opts, lambda sid: q.put(("done", sid)),
+                   on_batch=lambda n: q.put(("batch", n)))
+        q.put(("exit", None))
+    except BaseException as exc:  # report, the parent decides
+        q.put(("error", f"{device}: {type(exc).__name__}: {exc}"))
+
+
+def run_score(ws, manifest, specs, *, device: str, cache_dir, opts: ScoreOptions, force: bool, run_id: int) -> dict:
+    from ..models.loader import load_models
+    from .device import partition_shards, worker_devices
+
+    names = [s.name for s in specs]
+    _check_scorer_names(manifest, specs)
+    devices = worker_devices(device)
+    t0 = time.perf_counter()
+    models = load_models(specs, devices[0], cache_dir=cache_dir) if len(devices) == 1 else None
+    probe = models or load_models(specs, "cpu", cache_dir=cache_dir)
+    scorer_rows = [{"name": m.name, "kind": m.spec.kind, "spec": m.spec.canonical, "dim": m.embed_dim,
+                    "params": json.dumps(m.describe(), default=str)} for m in probe]
+    del probe
+    stats = {"failed": 0, "empty_caption": 0}
+    # Shards whose outputs were written but not registered before an interruption: register them.
+    recovered = 0
+    for p in sorted(result_dir(ws).glob("*.parquet")):
+        if p.with_suffix(".files.json").exists() and not force:
+            c = register_shard(manifest, ws, int(p.stem), run_id, scorer_rows)
+            stats = {k: stats[k] + c[k] for k in stats}
+            recovered += 1
+    jobs, n_done = plan_jobs(manifest, names, flip=opts.flip, force=force)
+    total = sum(len(j.rows) for j in jobs)
+    n_scored = 0
+
+    def done(sid: int) -> None:
+        c = register_shard(manifest, ws, sid, run_id, scorer_rows)
+        for k in stats:
+            stats[k] += c[k]
+
+    with console.progress() as bar:
+        task = bar.add_task(f"score ({len(jobs)} shards)", total=total)
+        if len(devices) == 1:
+            def on_batch(n):
+                nonlocal n_scored
+                n_scored += n
+                bar.advance(task, n)
+            if jobs:
+                score_jobs(ws, jobs, models, opts, done, on_batch)
+        else:
+            parts = partition_shards([j.shard_id for j in jobs], len(devices), weights=[len(j.rows) for j in jobs])
+            by_id = {j.shard_id: j for j in jobs}
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            procs = [ctx.Process(target=_gpu_worker, args=(str(ws.root), str(d), [by_id[s] for s in part], specs,
+                                                           cache_dir, opts, q), daemon=True)
+                     for d, part in zip(devices, parts) if part]
+            for p in procs:
+                p.start()
+            alive = len(procs)
+            errors = []
+            while alive:
+                try:
+                    kind, val = q.get(timeout=5)
+                except queue_mod.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        break
+                    continue
+                if kind == "done":
+                    done(val)
+                elif kind == "batch":
+                    n_scored += val
+                    bar.advance(task, val)
+                elif kind in ("exit", "error"):
+                    alive -= 1
+                    if kind == "error":
+                        errors.append(val)
+            for p in procs:
+                p.join()
+            if errors:
+                raise UsageError("scoring failed on " + "; ".join(errors))
+    seconds = time.perf_counter() - t0
+    return {"scorers": names, "device": str(devices[0]) if len(devices) == 1 else [str(d) for d in devices],
+            "shards_scored": len(jobs), "shards_already_done": n_done, "shards_recovered": recovered,
+            "samples_scored": n_scored, "undecodable": stats["failed"], "empty_captions": stats["empty_caption"],
+            "seconds": round(seconds, 2), "samples_per_s": round(n_scored / seconds, 1) if seconds else None}
+
+
+def _check_scorer_names(manifest, specs) -> None:
+    for s in specs:
+        row = manifest.one("SELECT spec, kind FROM scorers WHERE name = ?", [s.name])
+        if row is None:
+            continue
+        if row[1] == "provided":
+            raise UsageError(f"scorer name {s.name!r} is taken by embeddings that came with the pool; "
+                             f"add ,name=OTHER to the spec")
+        if row[0] != s.canonical:
+            raise UsageError(f"scorer {s.name!r} was made with {row[0]!r}, not {s.canonical!r}; "
+                             f"add ,name=OTHER to keep both")
