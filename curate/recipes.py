@@ -7,6 +7,7 @@
     [[stages]]
     stage = "basic"            # a registered stage name (curate.stages)
     # id = "basic"             # optional: how --set addresses it (default: the stage name)
+    # apply_to = "pool"        # optional: decide over the whole pool, then intersect (DataComp)
     # ... parameters ...
 
 `--set ID.PARAM=VALUE` overrides a parameter (VALUE is read as a TOML value, else as a
@@ -26,11 +27,19 @@ from .errors import UsageError
 SHIPPED = Path(__file__).resolve().parent.parent / "pipelines"
 
 
+APPLY_TO = ("survivors", "pool")
+
+
 @dataclass
 class StageSpec:
     id: str
     stage: str
     params: dict
+    # "survivors" (default): the stage sees what the previous stage kept. "pool": the stage
+    # decides over the whole pool the run started from and its decisions are then applied to
+    # the survivors; this is DataComp's intersection semantics (each baseline computed on the
+    # whole pool, e.g. the top-30% CLIP threshold), independent of stage order.
+    apply_to: str = "survivors"
 
 
 @dataclass
@@ -43,7 +52,8 @@ class Recipe:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": self.path, "description": self.description, "seed": self.seed,
-                "stages": [{"id": s.id, "stage": s.stage, "params": s.params} for s in self.stages]}
+                "stages": [{"id": s.id, "stage": s.stage, "apply_to": s.apply_to, "params": s.params}
+                           for s in self.stages]}
 
 
 def find_recipe(ref: str) -> Path:
@@ -76,7 +86,10 @@ def parse_recipe(text: str, path: str = "<string>") -> Recipe:
         if sid in seen:
             raise UsageError(f"recipe {path}: two stages with id {sid!r}; give one an `id`")
         seen.add(sid)
-        stages.append(StageSpec(sid, name, st))
+        apply_to = st.pop("apply_to", "survivors")
+        if apply_to not in APPLY_TO:
+            raise UsageError(f"recipe {path}: stage {sid!r} apply_to must be one of {APPLY_TO}")
+        stages.append(StageSpec(sid, name, st, apply_to))
     unknown = set(data) - {"name", "description", "seed", "stages"}
     if unknown:
         raise UsageError(f"recipe {path}: unknown top-level keys {sorted(unknown)}")
@@ -112,5 +125,11 @@ def apply_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
         sid, param = lhs.split(".", 1)
         if sid not in by_id:
             raise UsageError(f"--set {item!r}: no stage with id {sid!r} (stage ids: {', '.join(by_id)})")
-        by_id[sid].params[param] = _parse_value(raw.strip())
+        value = _parse_value(raw.strip())
+        if param == "apply_to":
+            if value not in APPLY_TO:
+                raise UsageError(f"--set {item!r}: apply_to must be one of {APPLY_TO}")
+            by_id[sid].apply_to = value
+        else:
+            by_id[sid].params[param] = value
     return recipe

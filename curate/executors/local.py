@@ -93,7 +93,9 @@ def build_stages(recipe: Recipe) -> list[tuple[str, Stage]]:
     for spec in recipe.stages:
         cls = get_stage(spec.stage)
         try:
-            out.append((spec.id, cls(**spec.params)))
+            st = cls(**spec.params)
+            st._apply_to = spec.apply_to
+            out.append((spec.id, st))
         except TypeError as exc:
             raise UsageError(f"stage {spec.id!r} ({spec.stage}): {exc}") from None
         except ValueError as exc:
@@ -142,6 +144,7 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
         raise UsageError(f"recipe {recipe.name} has several budget stages: {budget_stages}")
     scorers = sorted({s for _, st in stages for s in st.needs_scores()})
     alive = load_pool(manifest, scorers)
+    pool = alive
     n_pool = alive.height
     if n_pool == 0:
         raise UsageError("the workspace has no usable samples; ingest a pool first")
@@ -163,18 +166,14 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
                     raise UsageError(f"stage {sid} needs a budget: pass --budget N or 0.F")
                 if b > alive.height:
                     warnings.append(f"budget {b:,} exceeds the {alive.height:,} samples that reach {sid}; all are kept")
-            stats: dict = {}
-            artefacts: dict = {}
-            if stage.scope == "row" and not stage.needs_embeddings() and alive.height > ROW_PARTITION:
-                parts = []
-                for start in range(0, alive.height, ROW_PARTITION):
-                    part = alive.slice(start, ROW_PARTITION)
-                    parts.append(stage.apply(StageInput(part, {}, recipe.seed, b, cache)).decisions)
-                dec = pl.concat(parts)
-            else:
-                views = {(sc, kind): open_view(manifest, alive, sc, kind) for sc, kind in stage.needs_embeddings()}
-                res = stage.apply(StageInput(alive, views, recipe.seed, b, cache))
-                dec, stats, artefacts = res.decisions, res.stats, res.artefacts
+            over_pool = getattr(stage, "_apply_to", "survivors") == "pool"
+            if over_pool and stage.uses_budget:
+                raise UsageError(f"stage {sid}: a budget stage cannot use apply_to = \"pool\"")
+            dec, stats, artefacts = _apply(stage, pool if over_pool else alive, manifest, recipe.seed, b, cache)
+            if over_pool:
+                full = _check_decisions(sid, pool, dec)
+                stats = {**stats, "applied_to": "pool", "kept_over_pool": int(full["keep"].sum())}
+                dec = full.join(alive.select("uid"), on="uid", how="semi")
             dec = _check_decisions(sid, alive, dec)
             seconds = time.perf_counter() - t0
             kept = dec.filter(pl.col("keep")).select("uid")
@@ -199,6 +198,17 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
     return {"recipe": recipe.name, "pool": n_pool, "kept": alive.height,
             "kept_fraction": round(alive.height / n_pool, 6) if n_pool else 0.0,
             "funnel": [o.as_dict() for o in outcomes], "warnings": warnings}
+
+
+def _apply(stage: Stage, frame: pl.DataFrame, manifest, seed: int, budget, cache):
+    """Run a stage over `frame`: row stages in partitions (bounded memory), others in one call."""
+    if stage.scope == "row" and not stage.needs_embeddings() and frame.height > ROW_PARTITION:
+        parts = [stage.apply(StageInput(frame.slice(s, ROW_PARTITION), {}, seed, budget, cache)).decisions
+                 for s in range(0, frame.height, ROW_PARTITION)]
+        return pl.concat(parts), {}, {}
+    views = {(sc, kind): open_view(manifest, frame, sc, kind) for sc, kind in stage.needs_embeddings()}
+    res = stage.apply(StageInput(frame, views, seed, budget, cache))
+    return res.decisions, res.stats, res.artefacts
 
 
 def _save_artefacts(run_dir: Path | None, sid: str, artefacts: dict) -> None:
