@@ -34,3 +34,23 @@ def caption_match_auc(manifest, truth: pl.DataFrame, scorer: str) -> dict:
     pos = (d["caption_kind"] == "clean").to_numpy()
     return {"scorer": scorer, "auc_matched_vs_mismatched": round(roc_auc(d["score"].to_numpy(), pos), 4),
             "matched": int(pos.sum()), "mismatched": int((~pos).sum())}
+
+
+def caption_filter_report(manifest, truth: pl.DataFrame, run_id: int) -> dict:
+    """Recall of injected junk / non-English captions and the false-drop rate on clean ones.
+
+    A sample counts as dropped by the run if any of its stages dropped it."""
+    dropped = manifest.frame("SELECT DISTINCT uid FROM decisions WHERE run_id = ? AND NOT keep", [run_id])
+    seen = manifest.frame("SELECT DISTINCT uid FROM decisions WHERE run_id = ?", [run_id])
+    t = truth.join(seen, on="uid", how="semi").with_columns(
+        pl.col("uid").is_in(dropped["uid"].implode()).alias("dropped"))
+
+    def rate(mask) -> tuple[float, int]:
+        sub = t.filter(mask)
+        return (round(float(sub["dropped"].mean()), 4) if sub.height else float("nan")), sub.height
+
+    junk, n_junk = rate(pl.col("caption_kind").str.starts_with("junk"))
+    non_en, n_non_en = rate(pl.col("caption_kind").str.starts_with("non_english"))
+    clean, n_clean = rate(pl.col("caption_kind") == "clean")
+    return {"junk_recall": junk, "junk": n_junk, "non_english_recall": non_en, "non_english": n_non_en,
+            "clean_false_drop_rate": clean, "clean": n_clean}

@@ -36,7 +36,8 @@ def demo(
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Run the pipeline end to end on synthetic pools: synth → ingest → train a filter on a clean
-    pool → score the noisy pool with it (ROC-AUC against the synth truth) → status.
+    pool → score the noisy pool with it (ROC-AUC against the synth truth) → caption-quality
+    pruning (recall and false drops against the truth) → status.
 
     Example: `curate demo --workdir /tmp/demo`
     """
@@ -64,6 +65,18 @@ def demo(
     console.stdout.print(
         f"[bold]trained filter vs synth truth:[/bold] ROC-AUC {auc['auc_matched_vs_mismatched']:.3f} separating "
         f"{auc['matched']:,} matched from {auc['mismatched']:,} mismatched captions (0.5 = chance)")
+
+    # Caption quality: catch the injected junk and non-English captions.
+    _step(["prune", "-w", str(ws), "--pipeline", "caption_quality"])
+    from ..evaluate import caption_filter_report
+    from ..selection import resolve_run
+
+    with open_manifest(Workspace.open(ws, write=False), read_only=True) as m:
+        rep = caption_filter_report(m, load_truth(pool), resolve_run(m, None))
+    console.stdout.print(
+        f"[bold]caption_quality vs synth truth:[/bold] junk recall {rep['junk_recall']:.1%} (of {rep['junk']}), "
+        f"non-English recall {rep['non_english_recall']:.1%} (of {rep['non_english']}), "
+        f"false drops on clean captions {rep['clean_false_drop_rate']:.1%} (of {rep['clean']})")
     _step(["status", "-w", str(ws)])
     console.stdout.rule("[bold]demo done")
     console.stdout.print(f"workspace {ws} — {time.perf_counter() - t0:.0f} s in all")
