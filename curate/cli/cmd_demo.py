@@ -37,7 +37,8 @@ def demo(
 ) -> None:
     """Run the pipeline end to end on synthetic pools: synth → ingest → train a filter on a clean
     pool → score the noisy pool with it (ROC-AUC against the synth truth) → caption-quality
-    pruning (recall and false drops against the truth) → status.
+    pruning (recall and false drops against the truth) → export (webdataset shards + DataComp
+    uids, verified) → status.
 
     Example: `curate demo --workdir /tmp/demo`
     """
@@ -77,6 +78,11 @@ def demo(
         f"[bold]caption_quality vs synth truth:[/bold] junk recall {rep['junk_recall']:.1%} (of {rep['junk']}), "
         f"non-English recall {rep['non_english_recall']:.1%} (of {rep['non_english']}), "
         f"false drops on clean captions {rep['clean_false_drop_rate']:.1%} (of {rep['clean']})")
+
+    # The kept subset: byte-exact webdataset shards and a DataComp submission.
+    _step(["export", "-w", str(ws), "--format", "wds", "--out", str(workdir / "export"), "--shard-size", "500"])
+    _step(["export", "-w", str(ws), "--format", "datacomp", "--out", str(workdir / "uids.npy")])
+    _step(["verify-submission", str(workdir / "uids.npy"), "-w", str(ws)])
     _step(["status", "-w", str(ws)])
     console.stdout.rule("[bold]demo done")
     console.stdout.print(f"workspace {ws} — {time.perf_counter() - t0:.0f} s in all")
