@@ -7,10 +7,10 @@ shards, or the samples a prune run kept), and the output is a checkpoint that
 open_clip_train's format).
 
 The loop is plain contrastive training with open_clip's ClipLoss. Images are decoded and
-resized once with the scorer's own preprocessing (`SampleCollator`); when the decoded set fits
-in `cache_mb` it is kept in memory as uint8 and every epoch reuses it, otherwise each epoch
-streams and decodes again. Training stops at `epochs` or `max_minutes`, whichever comes first,
-and always leaves a checkpoint.
+resized once with the scorer's own preprocessing (`SampleCollator`) and kept in memory as uint8,
+so every epoch reuses them; a set too large for `max_memory_gb` is refused with a pointer to
+open_clip_train on exported shards. Training stops at `epochs` or `max_minutes`, whichever comes
+first, and always leaves a checkpoint.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def _collate_all(samples: list[TrustedSample], collator, batch: int = 256):
 
 def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | None, init: str | None,
                  epochs: int, max_minutes: float, batch_size: int, lr: float, weight_decay: float,
-                 warmup: int, seed: int, val_fraction: float, cache_dir=None, threads: int | None = None) -> dict:
+                 warmup: int, seed: int, val_fraction: float, cache_dir=None, threads: int | None = None,
+                 max_memory_gb: float = 8.0) -> dict:
     import open_clip
 
     from ..models.loader import load_model
@@ -124,6 +125,12 @@ def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | Non
         pp = PreprocessConfig.from_open_clip(dict(model.visual.preprocess_cfg))
         arch_name = arch
     collator = SampleCollator([pp.geometry], {"tok": tokenizer})
+    h, w = pp.geometry.size
+    need_gb = len(samples) * h * w * 3 / 2**30
+    if need_gb > max_memory_gb:
+        raise UsageError(f"the trusted set needs {need_gb:.1f} GB decoded at {h}x{w} (limit {max_memory_gb} GB); "
+                         f"export it (`curate export`) and train with open_clip_train, whose checkpoints "
+                         f"`curate score --model` loads the same way")
     t0 = time.perf_counter()
     images, tokens = _collate_all(samples, collator)
     n = images.shape[0]
