@@ -97,9 +97,14 @@ class Ingester:
             for table in ("samples", "sample_issues", "embeddings", "shards"):
                 self.m.execute(f"DELETE FROM {table} WHERE shard_id = ?", [shard_id])
 
-    def _same_content(self, fingerprint: str) -> str | None:
+    def _skip_same_content(self, unit: ShardUnit, fingerprint: str) -> bool:
+        """True (and noted) when a shard with these bytes is already in under another path."""
         row = self.m.find_shard(fingerprint=fingerprint)
-        return row[1] if row else None
+        if row is None:
+            return False
+        self.summary.skipped.append((str(unit.path), f"same content as {row[1]}"))
+        self.summary.shards_skipped += 1
+        return True
 
     def _insert_shard_row(self, shard_id, unit, nbytes, mtime, fingerprint, status, error, extra) -> None:
         self.m.execute(
@@ -197,10 +202,7 @@ class Ingester:
             raise _ShardError(str(exc)) from None
         if shard.records == [] and shard.error and not shard.issues:
             raise _ShardError(shard.error)
-        same = self._same_content(shard.fingerprint)
-        if same is not None:
-            self.summary.skipped.append((str(unit.path), f"same content as {same}"))
-            self.summary.shards_skipped += 1
+        if self._skip_same_content(unit, shard.fingerprint):
             return
         recs = shard.records
         # Records rejected for want of a json uid are still named by the uid they would have had.
@@ -279,10 +281,7 @@ class Ingester:
                     raise _ShardError(f"row-count mismatch: {unit.path.name} has {n_rows} rows but "
                                       f"{unit.npz.name}:{key} has shape {mem.shape}")
         fingerprint = _file_fingerprint(unit.path, unit.npz)
-        same = self._same_content(fingerprint)
-        if same is not None:
-            self.summary.skipped.append((str(unit.path), f"same content as {same}"))
-            self.summary.shards_skipped += 1
+        if self._skip_same_content(unit, fingerprint):
             return
         nbytes = st.st_size + (unit.npz.stat().st_size if unit.npz else 0)
         issues: list[tuple] = []
@@ -360,10 +359,7 @@ class Ingester:
         from .urls import read_url_table
 
         table = read_url_table(unit.path)
-        same = self._same_content(table.fingerprint)
-        if same is not None:
-            self.summary.skipped.append((str(unit.path), f"same content as {same}"))
-            self.summary.shards_skipped += 1
+        if self._skip_same_content(unit, table.fingerprint):
             return
         frame = table.frame
         issues = [tuple(x) for x in table.issues]
