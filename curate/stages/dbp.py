@@ -1,0 +1,455 @@
+"""Budget stages: Density-Based Pruning (`dbp`), Self-Supervised Prototype pruning (`ssp`) and
+a seeded random subset (`random`). Each keeps exactly `StageInput.budget` samples (all of them,
+with a warning in stats, when fewer remain).
+
+DBP (Abbas et al. 2024, "Effective pruning of web-scale datasets based on complexity of concept
+clusters"; run SemDeDup first; spherical k-means, k=500 on LAION-DeDup-280M, k=100 on DataComp
+medium):
+    d_intra(j) = mean over x in cluster j of (1 - cos(x, c_j))
+    d_inter(j) = mean of (1 - cos(c_j, c_i)) over the l nearest other centroids (l=20)
+    C_j = d_inter(j) · d_intra(j)                 (NaN -> mean of the other clusters)
+    P = softmax(C / tau)                          (tau = 0.1 tuned; 0.5 in the public code)
+    x = argmin ||x - P·N||²  s.t.  Σx = N,  lb <= x_j <= |C_j|
+      = clip(P·N + λ, lb, |C_j|) with λ found by bisection, then largest-remainder rounding
+    lb = ratio · N / k                            (SSP's class-balance floor; ratio 0.5 default,
+                                                   0 in the paper's best run)
+    within cluster j keep the x_j least prototypical samples (farthest from c_j, "hard").
+
+SSP (Sorscher et al. 2022, "Beyond neural scaling laws"): difficulty = cosine distance to the
+nearest centroid; keep the hardest (abundant data) or easiest (scarce data) globally, with a
+per-cluster floor.
+
+Clustering (`curate.cluster.clustering_for_stage`): the frame's `cluster` / `centroid_dist`
+columns when present, else the runner's array cache (`StageInput.cache`: same parameters, same
+uid set), else computed from the embeddings and cached, so a new budget never re-clusters.
+Only clusters with at least one surviving sample take part (k_active).
+
+Reasons (dropped): `dbp_over_quota`, `ssp_below_cut`, `random_not_drawn`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, uid_ranks
+from ..errors import UsageError
+from .base import Stage, StageInput, StageResult, decisions_frame, register_stage
+from .semdedup import const_column
+
+KEEP_DBP = ("hard", "easy", "random", "score")
+KEEP_SSP = ("hard", "easy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster complexity
+# ---------------------------------------------------------------------------------------------
+
+def cluster_distances(cluster: np.ndarray, dist: np.ndarray, centroids: np.ndarray,
+                      l_nearest: int = 20, block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sizes, d_intra, d_inter) per centroid; NaN for empty clusters (and d_inter when fewer
+    than two clusters are non-empty). Neighbours are the other non-empty clusters."""
+    k = int(centroids.shape[0])
+    sizes = np.bincount(cluster, minlength=k).astype(np.int64)
+    sums = np.bincount(cluster, weights=dist.astype(np.float64), minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d_intra = np.where(sizes > 0, sums / np.maximum(sizes, 1), np.nan)
+    d_inter = np.full(k, np.nan)
+    active = np.flatnonzero(sizes > 0)
+    l = min(int(l_nearest), len(active) - 1)
+    if l >= 1:
+        ca = np.ascontiguousarray(centroids[active], dtype=np.float32)
+        for s in range(0, len(active), block):
+            sims = (ca[s:s + block] @ ca.T).astype(np.float64)
+            sims[np.arange(len(sims)), np.arange(s, s + len(sims))] = -np.inf  # not its own neighbour
+            top = np.sort(np.partition(sims, sims.shape[1] - l, axis=1)[:, -l:], axis=1)
+            d_inter[active[s:s + len(sims)]] = (1.0 - top).mean(axis=1)
+    return sizes, d_intra, d_inter
+
+
+def complexity(d_intra: np.ndarray, d_inter: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """C_j = d_inter · d_intra over active clusters; a NaN takes the mean of the others (all NaN: 1)."""
+    c = d_inter * d_intra
+    c = np.where(active, c, np.nan)
+    bad = active & np.isnan(c)
+    if bad.any():
+        good = active & ~np.isnan(c)
+        c[bad] = c[good].mean() if good.any() else 1.0
+    return c
+
+
+def softmax_shares(c: np.ndarray, tau: float, active: np.ndarray) -> np.ndarray:
+    p = np.zeros(len(c))
+    if active.any():
+        z = c[active] / float(tau)
+        z = np.exp(z - z.max())
+        p[active] = z / z.sum()
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Quotas
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Allocation:
+    quota: np.ndarray            # int64 per cluster, Σ = min(budget, total)
+    real: np.ndarray             # float64 continuous solution
+    lam: float
+    lb: int
+    notes: list[str] = field(default_factory=list)
+
+
+def solve_quotas(target: np.ndarray, upper: np.ndarray, budget: float, lb: np.ndarray | float) -> tuple[np.ndarray, float]:
+    """min ||x - target||² s.t. Σx = budget, lb <= x <= upper: x = clip(target + λ, lb, upper),
+    λ by bisection to machine precision, then one exact step on the free set. Requires
+    Σlb <= budget <= Σupper."""
+    target = np.asarray(target, dtype=np.float64)
+    upper = np.asarray(upper, dtype=np.float64)
+    lower = np.minimum(np.broadcast_to(np.asarray(lb, dtype=np.float64), target.shape), upper)
+    if len(target) == 0:
+        return np.zeros(0), 0.0
+
+    def total(lam: float) -> float:
+        return float(np.clip(target + lam, lower, upper).sum())
+
+    lo = float((lower - target).min())
+    hi = float((upper - target).max())
+    for _ in range(2000):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if total(mid) < budget:
+            lo = mid
+        else:
+            hi = mid
+    lam = hi
+    x = np.clip(target + lam, lower, upper)
+    free = (x > lower) & (x < upper)
+    if free.any():
+        # exact λ for the active set found by bisection (removes the last-ulp residue)
+        fixed = x[~free].sum()
+        lam2 = (budget - fixed - target[free].sum()) / free.sum()
+        x2 = np.clip(target + lam2, lower, upper)
+        if np.array_equal((x2 > lower) & (x2 < upper), free) and abs(x2.sum() - budget) <= abs(x.sum() - budget):
+            lam, x = float(lam2), x2
+    return x, float(lam)
+
+
+def round_quotas(real: np.ndarray, upper: np.ndarray, lower: np.ndarray, budget: int) -> np.ndarray:
+    """Largest remainder: floors, then +1 to the largest fractional parts (ties: lower cluster
+    id) until Σ = budget; integer bounds lower <= q <= upper hold throughout."""
+    upper = np.asarray(upper, dtype=np.int64)
+    lower = np.minimum(np.asarray(lower, dtype=np.int64), upper)
+    q = np.clip(np.floor(real).astype(np.int64), lower, upper)
+    frac = real - np.floor(real)
+    idx = np.arange(len(q))
+    r = int(budget - q.sum())
+    while r > 0:  # one pass unless floating-point residue left fewer fractions than needed
+        elig = np.flatnonzero(q < upper)
+        if len(elig) == 0:
+            raise ValueError("budget exceeds the sum of the upper bounds")
+        q[elig[np.lexsort((idx[elig], -frac[elig]))][:r]] += 1
+        r = int(budget - q.sum())
+    while r < 0:
+        elig = np.flatnonzero(q > lower)
+        if len(elig) == 0:
+            raise ValueError("budget is below the sum of the lower bounds")
+        q[elig[np.lexsort((idx[elig], frac[elig]))][:-r]] -= 1
+        r = int(budget - q.sum())
+    return q
+
+
+def dbp_allocate(sizes: np.ndarray, shares: np.ndarray, budget: int, lb_ratio: float = 0.5) -> Allocation:
+    """Integer quotas per cluster: Σ = min(budget, Σsizes), floor lb <= q_j <= |C_j|."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    active = sizes > 0
+    k_active = int(active.sum())
+    total = int(sizes.sum())
+    notes: list[str] = []
+    if budget >= total:
+        if budget > total:
+            notes.append(f"budget {budget} exceeds the {total} samples left: all kept")
+        return Allocation(sizes.copy(), sizes.astype(np.float64), 0.0, 0, notes)
+    if budget <= 0 or k_active == 0:
+        return Allocation(np.zeros_like(sizes), np.zeros(len(sizes)), 0.0, 0, notes)
+    lb = int(math.floor(lb_ratio * budget / k_active))
+    if np.minimum(lb, sizes[active]).sum() > budget:
+        new = budget // k_active
+        notes.append(f"floor lb={lb} per cluster exceeds the budget over {k_active} clusters: lowered to {new}")
+        lb = new
+    lower = np.where(active, np.minimum(lb, sizes), 0)
+    real, lam = solve_quotas(shares * budget, sizes, float(budget), lower)
+    quota = round_quotas(real, sizes, lower, budget)
+    return Allocation(quota, real, lam, lb, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------
+
+def rank_within(cluster: np.ndarray, key: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Rank of each sample within its cluster by key descending (ties: tiebreak, then position)."""
+    n = len(cluster)
+    order = np.lexsort((tiebreak, -np.asarray(key, dtype=np.float64), cluster))  # stable: then position
+    sc = cluster[order]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, sizes)
+    return rank
+
+
+def random_keys(tiebreak: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded random key per sample that depends on its uid rank, not on input order."""
+    return np.random.default_rng(seed).permutation(len(tiebreak))[tiebreak].astype(np.float64)
+
+
+def top_global(key: np.ndarray, count: int, tiebreak: np.ndarray) -> np.ndarray:
+    """Boolean mask of the `count` largest keys (ties: tiebreak, then position)."""
+    n = len(key)
+    mask = np.zeros(n, dtype=bool)
+    if count > 0:
+        order = np.lexsort((tiebreak, -np.asarray(key, dtype=np.float64)))  # stable: then position
+        mask[order[:count]] = True
+    return mask
+
+
+def _cut_per_cluster(cluster: np.ndarray, value: np.ndarray, keep: np.ndarray, k: int, hard: bool) -> np.ndarray:
+    """Per cluster the boundary value of the kept samples (min for hard, max for easy); NaN if none kept."""
+    out = np.full(k, np.nan)
+    if keep.any():
+        frame = pl.DataFrame({"c": cluster[keep], "v": value[keep].astype(np.float64)})
+        agg = frame.group_by("c").agg(pl.col("v").min() if hard else pl.col("v").max())
+        out[agg["c"].to_numpy()] = agg["v"].to_numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+def _decisions(uids: pl.Series, keep: np.ndarray, reason: str, value=None, threshold=None, detail=None) -> pl.DataFrame:
+    """Decision frame; absent or scalar columns are built without Python lists of n items."""
+    n = len(uids)
+    drop = pl.Series(~keep)
+
+    def col(v, dtype):
+        return v if isinstance(v, pl.Series) else const_column(v, n, dtype)
+
+    return decisions_frame(uids, pl.Series(keep), reason=pl.select(pl.when(drop).then(pl.lit(reason))).to_series(),
+                           value=col(value, pl.Float64), threshold=col(threshold, pl.Float64),
+                           ref_uid=const_column(None, n, pl.Utf8), detail=col(detail, pl.Utf8))
+
+
+def _budget(inp: StageInput, stage: Stage) -> int:
+    """inp.budget (the runner resolves --budget and the recipe's `budget`), else the stage's own
+    `budget` param (a count, or a fraction of the input when below 1)."""
+    b = inp.budget
+    if b is None and getattr(stage, "budget", None) is not None:
+        v = float(stage.budget)
+        b = int(round(v * len(inp.frame))) if v < 1 else int(v)
+    if b is None:
+        raise UsageError(f"stage {stage.name!r} needs a budget (curate prune --budget N)")
+    b = int(b)
+    if b < 0:
+        raise UsageError(f"budget must be >= 0, not {b}")
+    return b
+
+
+class _ClusteredBudgetStage(Stage):
+    scope = "global"
+    uses_budget = True
+
+    def _init_clustering(self, scorer, kind, k, niter, seed, sample_size, device, budget):
+        if int(k) < 1:
+            raise UsageError(f"{self.name}: k must be >= 1")
+        if not scorer:
+            raise UsageError(f"{self.name}: name the scorer whose embeddings to cluster")
+        self.scorer, self.kind, self.k, self.niter = scorer, kind, int(k), int(niter)
+        self.seed, self.sample_size, self.device, self.budget = seed, sample_size, device, budget
+
+    def needs_embeddings(self):
+        return [(self.scorer, self.kind)]
+
+    def cluster_spec(self, inp: StageInput) -> ClusterSpec:
+        """The clustering this stage wants for this input (`.key()` names it in the cache)."""
+        seed = int(self.seed if self.seed is not None else inp.seed)
+        return ClusterSpec(self.k, self.niter, seed, self.sample_size, self.scorer, self.kind)
+
+
+@register_stage
+class DensityBasedPruning(_ClusteredBudgetStage):
+    """DBP; see the module docstring for the formulas."""
+
+    name = "dbp"
+
+    def __init__(self, scorer: str = "datacomp-l14", kind: str = "img", k: int = 100, niter: int = 20,
+                 seed: int | None = None, sample_size: int | None = None, device: str = "auto",
+                 tau: float = 0.1, l_nearest: int = 20, lb_ratio: float = 0.5, keep: str = "hard",
+                 score: str | None = None, budget: int | float | None = None):
+        if keep not in KEEP_DBP:
+            raise UsageError(f"dbp: keep must be one of {', '.join(KEEP_DBP)}, not {keep!r}")
+        if keep == "score" and not score:
+            raise UsageError("dbp: keep='score' needs score=<scorer> (the score__<scorer> column)")
+        if not tau > 0:
+            raise UsageError("dbp: tau must be > 0")
+        if lb_ratio < 0:
+            raise UsageError("dbp: lb_ratio must be >= 0")
+        self._init_clustering(scorer, kind, k, niter, seed, sample_size, device, budget)
+        self.tau, self.l_nearest, self.lb_ratio = float(tau), int(l_nearest), float(lb_ratio)
+        self.keep, self.score = keep, score
+
+    def needs_scores(self):
+        return [self.score] if self.keep == "score" else []
+
+    def apply(self, inp: StageInput) -> StageResult:
+        budget = _budget(inp, self)
+        frame = inp.frame
+        n = len(frame)
+        uids = frame["uid"].cast(pl.Utf8)
+        seed = int(self.seed if self.seed is not None else inp.seed)
+        if n == 0:
+            return StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
+        order = UidOrder(uids)
+        clu = clustering_for_stage(inp, self.cluster_spec(inp), order=order, device=self.device, need_centroids=True)
+        sizes, d_intra, d_inter = cluster_distances(clu.cluster, clu.dist, clu.centroids, self.l_nearest)
+        active = sizes > 0
+        comp = complexity(d_intra, d_inter, active)
+        shares = softmax_shares(comp, self.tau, active)
+        alloc = dbp_allocate(sizes, shares, budget, self.lb_ratio)
+        tb = order.rank
+        if self.keep == "hard":
+            key = clu.dist.astype(np.float64)
+        elif self.keep == "easy":
+            key = -clu.dist.astype(np.float64)
+        elif self.keep == "random":
+            key = random_keys(tb, seed)
+        else:
+            col = f"score__{self.score}"
+            if col not in frame.columns:
+                raise UsageError(f"dbp: keep='score' needs column {col!r}")
+            key = frame[col].cast(pl.Float64).fill_null(-np.inf).fill_nan(-np.inf).to_numpy()
+        rank = rank_within(clu.cluster, key, tb)
+        keep = rank < alloc.quota[clu.cluster]
+        cut = _cut_per_cluster(clu.cluster, key, keep, clu.k, hard=True)
+        thr = cut[clu.cluster]
+        if self.keep == "easy":
+            thr = -thr  # back to distance units: kept iff centroid_dist <= threshold
+        if self.keep == "random":
+            thr = np.full(n, np.nan)
+        value = clu.dist.astype(np.float64) if self.keep != "score" else key
+        value = np.where(np.isfinite(value), value, np.nan)
+        per_cluster = pl.DataFrame({
+            "cluster": np.arange(clu.k, dtype=np.int32), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
+            "complexity": comp, "share": shares, "quota_real": alloc.real, "quota": alloc.quota,
+        }).filter(pl.col("size") > 0)
+        # short on purpose (<= 12 characters are stored inline, no string buffer per row);
+        # the cluster's size, shares and quota are in the `dbp_clusters` artefact
+        detail = pl.select(pl.format("cluster={}", pl.Series(clu.cluster))).to_series()
+        dec = _decisions(uids, keep, "dbp_over_quota", value=pl.Series(value).fill_nan(None),
+                         threshold=pl.Series(thr).fill_nan(None), detail=detail)
+        artefacts = {"dbp_clusters": per_cluster}
+        stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "k": clu.k, "k_active": int(active.sum()),
+                 "lambda": alloc.lam, "lb": alloc.lb, "clustering": clu.source, "clustering_key": clu.identity,
+                 "keep": self.keep}
+        if alloc.notes:
+            stats["warnings"] = alloc.notes
+        return StageResult(dec, artefacts, stats)
+
+
+@register_stage
+class PrototypePruning(_ClusteredBudgetStage):
+    """SSP: global distance-to-prototype cut to the budget with a per-cluster floor."""
+
+    name = "ssp"
+
+    def __init__(self, scorer: str = "datacomp-l14", kind: str = "img", k: int = 100, niter: int = 20,
+                 seed: int | None = None, sample_size: int | None = None, device: str = "auto",
+                 keep: str = "hard", floor_ratio: float = 0.5, budget: int | float | None = None):
+        if keep not in KEEP_SSP:
+            raise UsageError(f"ssp: keep must be one of {', '.join(KEEP_SSP)}, not {keep!r}")
+        if floor_ratio < 0:
+            raise UsageError("ssp: floor_ratio must be >= 0")
+        self._init_clustering(scorer, kind, k, niter, seed, sample_size, device, budget)
+        self.keep, self.floor_ratio = keep, float(floor_ratio)
+
+    def apply(self, inp: StageInput) -> StageResult:
+        budget = _budget(inp, self)
+        frame = inp.frame
+        n = len(frame)
+        uids = frame["uid"].cast(pl.Utf8)
+        seed = int(self.seed if self.seed is not None else inp.seed)
+        if n == 0:
+            return StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
+        order = UidOrder(uids)
+        clu = clustering_for_stage(inp, self.cluster_spec(inp), order=order, device=self.device)
+        sizes = np.bincount(clu.cluster, minlength=clu.k)
+        active = sizes > 0
+        k_active = int(active.sum())
+        tb = order.rank
+        key = clu.dist.astype(np.float64) if self.keep == "hard" else -clu.dist.astype(np.float64)
+        notes = []
+        by_floor = np.zeros(n, dtype=bool)
+        if budget >= n:
+            keep = np.ones(n, dtype=bool)
+            floor = 0
+            if budget > n:
+                notes.append(f"budget {budget} exceeds the {n} samples left: all kept")
+        else:
+            floor = int(math.floor(self.floor_ratio * budget / k_active))
+            if np.minimum(floor, sizes[active]).sum() > budget:
+                new = budget // k_active
+                notes.append(f"floor {floor} per cluster exceeds the budget over {k_active} clusters: lowered to {new}")
+                floor = new
+            rank = rank_within(clu.cluster, key, tb)
+            by_floor = rank < floor
+            rest = budget - int(by_floor.sum())
+            fill = top_global(np.where(by_floor, -np.inf, key), rest, tb) & ~by_floor
+            keep = by_floor | fill
+        kept_sizes = np.bincount(clu.cluster[keep], minlength=clu.k)
+        # the global cut: every sample not kept by its cluster's floor is kept iff beyond it
+        beyond = keep & ~by_floor
+        cut = float(key[beyond].min()) if beyond.any() else float("nan")
+        thr = cut if self.keep == "hard" else -cut
+        per_cluster = pl.DataFrame({"cluster": np.arange(clu.k, dtype=np.int32), "size": sizes,
+                                    "kept": kept_sizes}).filter(pl.col("size") > 0)
+        dec = _decisions(uids, keep, "ssp_below_cut", value=pl.Series(clu.dist, dtype=pl.Float64),
+                         threshold=None if math.isnan(thr) else thr,
+                         detail=pl.select(pl.format("cluster={}{}", pl.Series(clu.cluster),
+                                                    pl.when(pl.Series(by_floor)).then(pl.lit(" floor"))
+                                                    .otherwise(pl.lit("")))).to_series())
+        stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "k": clu.k, "k_active": k_active,
+                 "floor": floor, "clustering": clu.source, "clustering_key": clu.identity, "keep": self.keep}
+        if notes:
+            stats["warnings"] = notes
+        return StageResult(dec, {"ssp_clusters": per_cluster}, stats)
+
+
+@register_stage
+class RandomSubset(Stage):
+    """A seeded uniformly random subset of exactly the budget (the baseline every pruning
+    method must beat). Depends on the uids and the seed, not on input order."""
+
+    name = "random"
+    scope = "global"
+    uses_budget = True
+
+    def __init__(self, seed: int | None = None, budget: int | float | None = None):
+        self.seed, self.budget = seed, budget
+
+    def apply(self, inp: StageInput) -> StageResult:
+        budget = _budget(inp, self)
+        uids = inp.frame["uid"].cast(pl.Utf8)
+        n = len(uids)
+        seed = int(self.seed if self.seed is not None else inp.seed)
+        tb = uid_ranks(uids)
+        keep = top_global(random_keys(tb, seed), min(budget, n), tb)
+        stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "seed": seed}
+        if budget > n:
+            stats["warnings"] = [f"budget {budget} exceeds the {n} samples left: all kept"]
+        dec = _decisions(uids, keep, "random_not_drawn")
+        return StageResult(dec, {}, stats)
