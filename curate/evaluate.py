@@ -54,3 +54,43 @@ def caption_filter_report(manifest, truth: pl.DataFrame, run_id: int) -> dict:
     clean, n_clean = rate(pl.col("caption_kind") == "clean")
     return {"junk_recall": junk, "junk": n_junk, "non_english_recall": non_en, "non_english": n_non_en,
             "clean_false_drop_rate": clean, "clean": n_clean}
+
+
+def _kept_at_end(manifest, run_id: int) -> pl.DataFrame:
+    last = manifest.scalar("SELECT max(stage_idx) FROM stage_stats WHERE run_id = ?", [run_id])
+    return manifest.frame("SELECT uid FROM decisions WHERE run_id = ? AND stage_idx = ? AND keep", [run_id, last])
+
+
+def cluster_balance(manifest, truth: pl.DataFrame, run_id: int) -> dict:
+    """How evenly a run's kept set covers the truth's concept clusters: normalised entropy
+    (1 = perfectly even over all clusters) and the largest cluster's share."""
+    kept = _kept_at_end(manifest, run_id).join(truth.select("uid", "cluster"), on="uid")
+    counts = kept["cluster"].value_counts()["count"].to_numpy().astype(float)
+    p = counts / counts.sum()
+    n_clusters = truth["cluster"].n_unique()
+    return {"kept": kept.height, "entropy": round(float(-(p * np.log(p)).sum() / np.log(n_clusters)), 4),
+            "max_share": round(float(p.max()), 4), "clusters_covered": int(len(counts)), "clusters": n_clusters}
+
+
+def dedup_report(manifest, truth: pl.DataFrame, run_id: int, stages: tuple[str, ...]) -> dict:
+    """Planted duplicate groups (an original and its copies, truth `dup_of`) among the samples that
+    reached the dedup stages. A group of m members is fully caught when m - 1 of them are removed,
+    whichever one stays (SemDeDup keeps the first in its cluster order). Recall = removed
+    duplicates / (members - 1) over all groups; false removals = removed samples that belong to no
+    planted group; ref_in_same_group = removed samples whose recorded ref_uid is in their group."""
+    dec = manifest.frame("SELECT uid, stage, keep, ref_uid FROM decisions WHERE run_id = ?", [run_id])
+    dec = dec.filter(pl.col("stage").is_in(list(stages)))
+    dropped = dec.filter(~pl.col("keep"))
+    group = truth.select("uid", pl.coalesce("dup_of", "uid").alias("group"))
+    t = group.join(dec.select("uid").unique(), on="uid", how="semi").with_columns(
+        pl.col("uid").is_in(dropped["uid"].implode()).alias("dropped"))
+    g = t.group_by("group").agg(pl.len().alias("m"), pl.col("dropped").sum().alias("d"))
+    dup_groups = g.filter(pl.col("m") >= 2)
+    expected = int((dup_groups["m"] - 1).sum())
+    caught = int(dup_groups.select(pl.min_horizontal("d", pl.col("m") - 1)).to_series().sum())
+    singles = t.join(g.filter(pl.col("m") == 1).select("group"), on="group", how="semi")
+    refs = dropped.join(group, on="uid").join(group.rename({"uid": "ref_uid", "group": "ref_group"}), on="ref_uid")
+    return {"planted_duplicates": expected, "groups": dup_groups.height,
+            "recall": round(caught / expected, 4) if expected else float("nan"),
+            "false_removal_rate": round(float(singles["dropped"].mean()), 4) if singles.height else float("nan"),
+            "ref_in_same_group": round(float((refs["group"] == refs["ref_group"]).mean()), 4) if refs.height else float("nan")}

@@ -11,7 +11,8 @@
     # ... parameters ...
 
 `--set ID.PARAM=VALUE` overrides a parameter (VALUE is read as a TOML value, else as a
-string); `--set seed=3` sets the recipe's seed. A recipe is found by path, or by name in
+string); `--set '*.PARAM=VALUE'` sets it on every stage that takes that parameter (e.g.
+`--set '*.scorer=dfn'`); `--set seed=3` sets the recipe's seed. A recipe is found by path, or by name in
 ./pipelines/ and then in the pipelines shipped with curate.
 """
 
@@ -109,6 +110,14 @@ def _parse_value(raw: str):
         return raw
 
 
+def _accepts(stage: str, param: str) -> bool:
+    import inspect
+
+    from .stages import get_stage
+
+    return param in inspect.signature(get_stage(stage).__init__).parameters
+
+
 def apply_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
     recipe = copy.deepcopy(recipe)
     by_id = {s.id: s for s in recipe.stages}
@@ -123,6 +132,13 @@ def apply_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
         if "." not in lhs:
             raise UsageError(f"--set {item!r}: expected ID.PARAM=VALUE (stage ids: {', '.join(by_id)})")
         sid, param = lhs.split(".", 1)
+        if sid == "*":
+            targets = [spec for spec in recipe.stages if _accepts(spec.stage, param)]
+            if not targets:
+                raise UsageError(f"--set {item!r}: no stage of this recipe takes a {param!r} parameter")
+            for spec in targets:
+                spec.params[param] = _parse_value(raw.strip())
+            continue
         if sid not in by_id:
             raise UsageError(f"--set {item!r}: no stage with id {sid!r} (stage ids: {', '.join(by_id)})")
         value = _parse_value(raw.strip())

@@ -33,11 +33,14 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Samples in the generated pool.")] = 2000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     train_minutes: Annotated[float, typer.Option("--train-minutes", help="Time budget for the filter network.")] = 1.5,
+    dc_n: Annotated[int, typer.Option("--datacomp-n", help="Rows of the DataComp-layout pool.")] = 30000,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Run the pipeline end to end on synthetic pools: synth → ingest → train a filter on a clean
     pool → score the noisy pool with it (ROC-AUC against the synth truth) → caption-quality
-    pruning (recall and false drops against the truth) → export (webdataset shards + DataComp
+    pruning (recall and false drops against the truth) → on a DataComp-layout pool: exact dedup,
+    SemDeDup and DBP to a budget vs a random subset (duplicate recall, cluster balance, cache reuse
+    on a rerun with a new eps and budget) → export (webdataset shards + DataComp
     uids, verified) → status.
 
     Example: `curate demo --workdir /tmp/demo`
@@ -78,6 +81,42 @@ def demo(
         f"[bold]caption_quality vs synth truth:[/bold] junk recall {rep['junk_recall']:.1%} (of {rep['junk']}), "
         f"non-English recall {rep['non_english_recall']:.1%} (of {rep['non_english']}), "
         f"false drops on clean captions {rep['clean_false_drop_rate']:.1%} (of {rep['clean']})")
+
+    # A DataComp-layout pool (embeddings with long-tailed concept clusters and planted
+    # duplicates): dedup + DBP to a budget, against a random subset of the same size.
+    dc, dcws = workdir / "datacomp-pool", workdir / "datacomp-ws"
+    _step(["synth", str(dc), "--layout", "datacomp", "--n", str(dc_n), "--seed", str(seed), "--shard-size", "10000"])
+    _step(["ingest", str(dc), "-w", str(dcws)])
+    budget = str(dc_n // 5)
+    _step(["prune", "-w", str(dcws), "--pipeline", "dbp", "--budget", str(dc_n // 4)])
+    # New eps and budget: clustering and pairwise similarities come from the cache.
+    _step(["prune", "-w", str(dcws), "--pipeline", "dbp", "--budget", budget, "--set", "semdedup.eps=0.06"])
+    _step(["prune", "-w", str(dcws), "--pipeline", "random", "--budget", budget])
+    from ..evaluate import cluster_balance, dedup_report
+
+    with open_manifest(Workspace.open(dcws, write=False), read_only=True) as m:
+        truth = load_truth(dc)
+        runs = [r for (r,) in m.execute("SELECT run_id FROM runs WHERE command = 'prune' AND status = 'ok' "
+                                        "ORDER BY run_id").fetchall()]
+        dbp_run, random_run = runs[-2], runs[-1]
+        dd = dedup_report(m, truth, dbp_run, ("exact_dedup", "semdedup"))
+        b_dbp, b_rand = cluster_balance(m, truth, dbp_run), cluster_balance(m, truth, random_run)
+        cached = m.frame("SELECT stage, params FROM stage_stats WHERE run_id = ? AND stage IN ('semdedup', 'dbp')",
+                         [dbp_run])
+    console.stdout.print(
+        f"[bold]exact + semantic dedup vs planted duplicates:[/bold] recall {dd['recall']:.1%} of "
+        f"{dd['planted_duplicates']} copies in {dd['groups']} groups, "
+        f"false removals {dd['false_removal_rate']:.2%}, recorded duplicate-of in the same group "
+        f"{dd['ref_in_same_group']:.1%}")
+    console.stdout.print(
+        f"[bold]cluster balance of {b_dbp['kept']:,} kept (truth clusters):[/bold] DBP entropy "
+        f"{b_dbp['entropy']:.3f}, largest cluster {b_dbp['max_share']:.1%} — random entropy {b_rand['entropy']:.3f}, "
+        f"largest cluster {b_rand['max_share']:.1%}")
+    import json as _json
+    for stage, params in cached.rows():
+        st = _json.loads(params).get("stats", {})
+        console.stdout.print(f"  second run, {stage}: clustering from {st.get('clustering', '?')}, "
+                             f"similarities from {st.get('similarities', 'n/a')}")
 
     # The kept subset: byte-exact webdataset shards and a DataComp submission.
     _step(["export", "-w", str(ws), "--format", "wds", "--out", str(workdir / "export"), "--shard-size", "500"])

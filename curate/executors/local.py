@@ -104,20 +104,38 @@ def build_stages(recipe: Recipe) -> list[tuple[str, Stage]]:
 
 
 def load_pool(manifest, scorers: list[str]) -> pl.DataFrame:
-    """Every usable sample with its columns and one `score__<scorer>` column per scorer."""
+    """Every usable sample with its columns and one `score__<scorer>` column per scorer, in
+    (shard_id, row_idx) order.
+
+    The table scan keeps insertion order, which is already (shard_id, row_idx) for ingested pools,
+    so the sort (and the joins below) are only paid when they change something: decode errors
+    are joined only when there are any, and a scorer's scores are attached as a column when they
+    were stored in the same uid order as the samples (as `curate ingest` and `curate score` write
+    them), joined by uid otherwise.
+    """
     frame = manifest.frame(
-        "SELECT s.uid, s.shard_id, s.row_idx, s.key, s.url, s.caption, s.width, s.height, s.sha256, s.source, "
-        "s.image_ext, s.image_bytes, d.detail AS decode_error "
-        "FROM samples s LEFT JOIN (SELECT uid, any_value(detail) AS detail FROM sample_issues "
-        "WHERE action = 'unscored' GROUP BY uid) d USING (uid) "
-        "WHERE s.status = 'ok' ORDER BY s.shard_id, s.row_idx")
+        "SELECT uid, shard_id, row_idx, key, url, caption, width, height, sha256, source, image_ext, image_bytes, "
+        "NULL::VARCHAR AS decode_error FROM samples WHERE status = 'ok'")
+    order = pl.col("shard_id").cast(pl.Int64) * (1 << 32) + pl.col("row_idx").cast(pl.Int64)
+    key = frame.select(order).to_series()
+    if not key.is_sorted():
+        frame = frame.sort(["shard_id", "row_idx"], maintain_order=True)
+    issues = manifest.frame("SELECT uid, any_value(detail) AS detail FROM sample_issues "
+                            "WHERE action = 'unscored' GROUP BY uid")
+    if issues.height:
+        frame = (frame.drop("decode_error").join(issues.rename({"detail": "decode_error"}), on="uid", how="left",
+                                                  maintain_order="left").select(frame.columns))
     for sc in scorers:
         col = manifest.frame("SELECT uid, score FROM scores WHERE scorer = ?", [sc])
         if col.height == 0:
             have = [r[0] for r in manifest.execute("SELECT DISTINCT scorer FROM scores ORDER BY 1").fetchall()]
             raise UsageError(f"no scores of scorer {sc!r} in this workspace (have: {', '.join(have) or 'none'}); "
                              f"run `curate score` or change the recipe's scorer")
-        frame = frame.join(col.rename({"score": f"score__{sc}"}), on="uid", how="left")
+        name = f"score__{sc}"
+        if col.height == frame.height and col["uid"].equals(frame["uid"]):
+            frame = frame.with_columns(col["score"].alias(name))
+        else:
+            frame = frame.join(col.rename({"score": name}), on="uid", how="left", maintain_order="left")
     return frame
 
 
@@ -169,7 +187,8 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
             over_pool = getattr(stage, "_apply_to", "survivors") == "pool"
             if over_pool and stage.uses_budget:
                 raise UsageError(f"stage {sid}: a budget stage cannot use apply_to = \"pool\"")
-            dec, stats, artefacts = _apply(stage, pool if over_pool else alive, manifest, recipe.seed, b, cache)
+            dec, stats, artefacts = _apply(stage, pool if over_pool else alive, manifest, recipe.seed, b, cache,
+                                           None if over_pool else pool)
             if over_pool:
                 full = _check_decisions(sid, pool, dec)
                 stats = {**stats, "applied_to": "pool", "kept_over_pool": int(full["keep"].sum())}
@@ -200,15 +219,36 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
             "funnel": [o.as_dict() for o in outcomes], "warnings": warnings}
 
 
-def _apply(stage: Stage, frame: pl.DataFrame, manifest, seed: int, budget, cache):
+def _apply(stage: Stage, frame: pl.DataFrame, manifest, seed: int, budget, cache, pool: pl.DataFrame | None = None):
     """Run a stage over `frame`: row stages in partitions (bounded memory), others in one call."""
     if stage.scope == "row" and not stage.needs_embeddings() and frame.height > ROW_PARTITION:
         parts = [stage.apply(StageInput(frame.slice(s, ROW_PARTITION), {}, seed, budget, cache)).decisions
                  for s in range(0, frame.height, ROW_PARTITION)]
         return pl.concat(parts), {}, {}
     views = {(sc, kind): open_view(manifest, frame, sc, kind) for sc, kind in stage.needs_embeddings()}
-    res = stage.apply(StageInput(frame, views, seed, budget, cache))
+    inp = StageInput(frame, views, seed, budget, cache)
+    if pool is not None and hasattr(stage, "cluster_spec") and frame.height:
+        _share_pool_clustering(stage, inp, pool, manifest, seed, cache)
+    res = stage.apply(inp)
     return res.decisions, res.stats, res.artefacts
+
+
+def _share_pool_clustering(stage: Stage, inp: StageInput, pool: pl.DataFrame, manifest, seed: int, cache) -> None:
+    """Cluster the run's whole pool once (cached across runs) and hand the stage that clustering
+    restricted to its input, so a new eps, budget or upstream filter never re-clusters."""
+    from ..cluster import cache_clustering, clustering_for_stage
+
+    spec = stage.cluster_spec(inp)
+    base = pool.filter(pl.col("decode_error").is_null()) if "decode_error" in pool.columns else pool
+    pos = inp.frame.select("uid").join(base.select("uid").with_row_index("_pos"), on="uid", how="left",
+                                       maintain_order="left")["_pos"]
+    if pos.null_count():
+        raise UsageError(f"stage {stage.name} needs embeddings, but {pos.null_count():,} of its samples have none "
+                         f"(undecodable images); put a decode_failures stage before it")
+    views = {(sc, kind): open_view(manifest, base, sc, kind) for sc, kind in stage.needs_embeddings()}
+    pc = clustering_for_stage(StageInput(base, views, seed, None, cache), spec, need_centroids=True)
+    idx = pos.to_numpy()
+    cache_clustering(inp, spec, pc.cluster[idx], pc.dist[idx], pc.centroids)
 
 
 def _save_artefacts(run_dir: Path | None, sid: str, artefacts: dict) -> None:
