@@ -121,7 +121,7 @@ def load_pool(manifest, scorers: list[str]) -> pl.DataFrame:
     if not key.is_sorted():
         frame = frame.sort(["shard_id", "row_idx"], maintain_order=True)
     issues = manifest.frame("SELECT uid, any_value(detail) AS detail FROM sample_issues "
-                            "WHERE action = 'unscored' GROUP BY uid")
+                            "WHERE action = 'unscored' AND reason = 'undecodable' GROUP BY uid")
     if issues.height:
         frame = (frame.drop("decode_error").join(issues.rename({"detail": "decode_error"}), on="uid", how="left",
                                                   maintain_order="left").select(frame.columns))
