@@ -359,7 +359,7 @@ def run_score(ws, manifest, specs, *, device: str, cache_dir, opts: ScoreOptions
                 raise UsageError("scoring failed on " + "; ".join(errors))
     seconds = time.perf_counter() - t0
     return {"scorers": names, "device": str(devices[0]) if len(devices) == 1 else [str(d) for d in devices],
-            "shards_scored": len(jobs), "shards_already_done": n_done, "shards_recovered": recovered,
+            "shards_scored": len(jobs), "shards_already_done": n_done - recovered, "shards_recovered": recovered,
             "samples_scored": n_scored, "undecodable": stats["failed"], "empty_captions": stats["empty_caption"],
             "seconds": round(seconds, 2), "samples_per_s": round(n_scored / seconds, 1) if seconds else None}
 
