@@ -46,13 +46,16 @@ import polars as pl
 
 from ..errors import UsageError
 from .base import Stage, StageInput, StageResult, decisions_frame, register_stage
-from .filters_datacomp import (Rule, char_count, empty_decisions, fails_above, fails_below, first_failure,
-                               python_whitespace, require_columns, whitespace_class, word_count)
-from .langid import LANG, LANG_CONF, identify, map_distinct
+from .filters_datacomp import (Rule, at_least_words, char_count, empty_decisions, fails_above, fails_below,
+                               first_failure, python_whitespace, require_columns, whitespace_class, word_count)
+from .langid import LANG, LANG_CONF, identify, map_distinct, warm_language_workers
 
 # Specific reasons before generic ones (a file name is also "few letters"), expensive checks last.
-# Worker processes pay ~3 s to import torch/open_clip, so the tokenizer goes parallel only for many texts.
-TOKEN_PARALLEL_MIN = 100_000
+# Distinct texts above which token counting is shared with worker processes: ours start in well
+# under a second; workers that need open_clip's own tokenizer pay ~3-7 s to import torch first.
+TOKEN_PARALLEL_MIN = 20_000  # distinct pre-tokens (~10 µs each)
+TOKEN_TEXTS_PARALLEL_MIN = 2_000  # whole captions through the cleaning (~80 µs each, mostly ftfy)
+TOKEN_PARALLEL_MIN_OPEN_CLIP = 100_000
 
 CHECKS = ("length", "mojibake", "boilerplate", "charset", "repetition", "tokens", "language")
 
@@ -143,7 +146,131 @@ def _phrase_regex(phrases: Sequence[str]) -> str:
     return r"(?i)(?:^|[^\p{L}\p{N}])(" + "|".join(re.escape(p) for p in alts) + r")(?:$|[^\p{L}\p{N}])"
 
 
-# ---- token counting (run in worker processes for many captions) -----------------------------------
+# ---- token counting ---------------------------------------------------------------------------------
+#
+# open_clip's SimpleTokenizer (clean="lower", what `open_clip.get_tokenizer` returns for the OpenAI
+# CLIP configs such as ViT-B-32) cleans a caption with ftfy.fix_text, html.unescape twice,
+# " ".join(text.split()) and lower(); cuts it into pre-tokens (its two special tokens, the
+# contractions 's 't 're 've 'm 'll 'd, runs of letters, single digits, runs of other non-space
+# characters); maps each pre-token's UTF-8 bytes to printable characters (GPT-2's byte-to-unicode
+# table) with "</w>" on the last one; and applies the ranked merges of bpe_simple_vocab_16e6.txt.gz
+# (lowest rank first, every non-overlapping occurrence left to right) until none applies. A caption
+# has as many tokens as the symbols left in all its pre-tokens.
+#
+# `_ClipBpe` counts exactly that from open_clip's own vocabulary file, without importing open_clip
+# (which imports torch, torchvision and timm: 3-7 s here, and again in every worker process). It is
+# used only when the tokenizer name resolves to that SimpleTokenizer (`_simple_bpe_path`); any other
+# tokenizer goes through open_clip itself. The tests compare the counts with open_clip's encode().
+
+_SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+_CLIP_PATTERN = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's reversible byte → printable character table: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for U+0100 onwards, in byte order."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    table, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            table.append(chr(b))
+        else:
+            table.append(chr(256 + extra))
+            extra += 1
+    return table
+
+
+class _ClipBpe:
+    """Token counts of open_clip's SimpleTokenizer (clean="lower"), from its vocabulary file."""
+
+    def __init__(self, bpe_path: str):
+        import gzip
+
+        import regex
+
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+        merges = lines[1:49152 - 256 - 2 + 1]  # the first line is a header; SimpleTokenizer's vocabulary size
+        self.ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+        self.symbols = _byte_symbols()
+        self.known: dict[str, int] = {t: 1 for t in _SPECIAL_TOKENS}  # pre-token -> count
+        self.pattern = regex.compile(_CLIP_PATTERN, regex.IGNORECASE)
+        import html
+
+        import ftfy
+
+        self._fix_text, self._unescape = ftfy.fix_text, html.unescape
+
+    def pretoken(self, token: str) -> int:
+        """Symbols left after the merges, for one pre-token of cleaned text."""
+        n = self.known.get(token)
+        if n is not None:
+            return n
+        chars = "".join(self.symbols[b] for b in token.encode("utf-8"))
+        word = list(chars[:-1]) + [chars[-1] + "</w>"]
+        ranks = self.ranks
+        while len(word) > 1:
+            best, best_rank = None, None
+            for pair in zip(word, word[1:]):
+                r = ranks.get(pair)
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = pair, r
+            if best is None:
+                break
+            a, b = best
+            merged, out, i, n_sym = a + b, [], 0, len(word)
+            while i < n_sym:
+                if i + 1 < n_sym and word[i] == a and word[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            word = out
+        self.known[token] = len(word)
+        return len(word)
+
+    def count(self, text: str) -> int:
+        """len(SimpleTokenizer().encode(text))."""
+        text = self._unescape(self._unescape(self._fix_text(text))).strip()
+        text = " ".join(text.split()).strip().lower()
+        return sum(self.pretoken(t) for t in self.pattern.findall(text))
+
+
+@functools.lru_cache(maxsize=2)
+def _bpe(path: str) -> _ClipBpe:
+    return _ClipBpe(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _simple_bpe_path(name: str) -> str | None:
+    """The vocabulary file when `open_clip.get_tokenizer(name)` is the plain SimpleTokenizer
+    (a built-in config without `hf_tokenizer_name` or `tokenizer_kwargs`, not a SigLIP name), else None."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    if not name or ":" in name or "siglip" in name.lower():
+        return None
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    cfg_path, bpe_path = pkg / "model_configs" / f"{name}.json", pkg / "bpe_simple_vocab_16e6.txt.gz"
+    if not cfg_path.is_file() or not bpe_path.is_file():
+        return None
+    try:
+        text_cfg = json.loads(cfg_path.read_text()).get("text_cfg", {})
+    except (OSError, ValueError):
+        return None
+    if "hf_tokenizer_name" in text_cfg or text_cfg.get("tokenizer_kwargs"):
+        return None
+    if "open_clip" in sys.modules:  # already imported (configs may have been added): ask it
+        tok = _tokenizer(name)
+        if (type(tok).__name__ != "SimpleTokenizer" or getattr(tok, "reduction_fn", None) is not None
+                or getattr(getattr(tok, "clean_fn", None), "__name__", "") != "_clean_lower"):
+            return None
+    return str(bpe_path)
 
 
 @functools.lru_cache(maxsize=2)
@@ -154,16 +281,25 @@ def _tokenizer(name: str):
 
 
 def _token_chunk(args: tuple[str, list[str]]) -> tuple[np.ndarray]:
+    """len(open_clip.get_tokenizer(name).encode(t)) for each text (a worker function)."""
     name, texts = args
-    encode = _tokenizer(name).encode
-    return (np.fromiter((len(encode(t)) for t in texts), dtype=np.int64, count=len(texts)),)
+    path = _simple_bpe_path(name)
+    count = _bpe(path).count if path else (lambda t, enc=_tokenizer(name).encode: len(enc(t)))
+    return (np.fromiter((count(t) for t in texts), dtype=np.int64, count=len(texts)),)
 
 
-# open_clip's SimpleTokenizer (clean="lower") cleans a caption with ftfy.fix_text, html.unescape
-# twice, " ".join(text.split()) and lower(), cuts it into pre-tokens with the pattern below, and
-# BPE-encodes each pre-token on its own. On printable ASCII without '&' and '<' the cleaning is just
-# whitespace collapsing and lowercasing, so a caption's token count is the sum of its pre-tokens'
-# counts: those captions are counted by exploding pre-tokens and BPE-encoding each distinct one once.
+def _pretoken_chunk(args: tuple[str, list[str]]) -> tuple[np.ndarray]:
+    """Token counts of pre-tokens of cleaned text (a worker function)."""
+    path, tokens = args
+    count = _bpe(path).pretoken
+    return (np.fromiter((count(t) for t in tokens), dtype=np.int64, count=len(tokens)),)
+
+
+# On printable ASCII without '&' and '<' the cleaning is just whitespace collapsing and
+# lowercasing, so a caption's token count is the sum of its pre-tokens' counts: those captions are
+# counted by exploding pre-tokens and counting each distinct one once. Every token covers at least
+# one character of a pre-token and pre-tokens hold no spaces, so such a caption has at most as many
+# tokens as non-space characters.
 _SIMPLE_ASCII = r"^[\x20-\x25\x27-\x3b\x3d-\x7e]*$"
 _CLIP_PRETOKEN = r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"
 
@@ -172,10 +308,10 @@ def clip_token_counts(texts: pl.Series, tokenizer: str = "ViT-B-32", processes: 
     """`len(open_clip.get_tokenizer(tokenizer).encode(text))` for each text (without start/end tokens)."""
     texts = texts.cast(pl.Utf8).fill_null("")
     out = np.zeros(len(texts), dtype=np.int64)
-    simple = texts.str.contains(_SIMPLE_ASCII).to_numpy()
-    tok = _tokenizer(tokenizer)
-    if getattr(getattr(tok, "clean_fn", None), "__name__", "") != "_clean_lower":
-        simple[:] = False  # not the BPE layout the fast path knows
+    path = _simple_bpe_path(tokenizer)
+    # Workers that need open_clip pay ~3-7 s to import it; ours start in well under a second.
+    parallel_min = TOKEN_PARALLEL_MIN if path else TOKEN_PARALLEL_MIN_OPEN_CLIP
+    simple = texts.str.contains(_SIMPLE_ASCII).to_numpy() if path else np.zeros(len(texts), dtype=bool)
     if simple.any():
         idx = np.flatnonzero(simple)
         pieces = (pl.DataFrame({"_i": idx, "_t": texts.gather(idx)})
@@ -183,32 +319,102 @@ def clip_token_counts(texts: pl.Series, tokenizer: str = "ViT-B-32", processes: 
                   .explode("p").drop_nulls("p"))
         if pieces.height:
             distinct = pieces["p"].unique()
-            n = map_distinct(distinct, _token_chunk, tokenizer, {"n": pl.Int64}, processes=processes,
-                             parallel_min=TOKEN_PARALLEL_MIN, description="CLIP tokens")
+            n = map_distinct(distinct, _pretoken_chunk, path, {"n": pl.Int64}, processes=processes,
+                             parallel_min=parallel_min, description="CLIP tokens")
             table = pl.DataFrame({"p": distinct, "n": n["n"]})
             per = pieces.join(table, on="p", how="left").group_by("_i").agg(pl.col("n").sum())
             out[per["_i"].to_numpy()] = per["n"].to_numpy()
     rest = np.flatnonzero(~simple)
     if len(rest):
         n = map_distinct(texts.gather(rest), _token_chunk, tokenizer, {"n": pl.Int64}, processes=processes,
-                         parallel_min=TOKEN_PARALLEL_MIN, description="CLIP tokens")
+                         parallel_min=TOKEN_TEXTS_PARALLEL_MIN if path else parallel_min, description="CLIP tokens")
         out[rest] = n["n"].to_numpy()
     return out
 
 
-# ---- character runs (numpy over the concatenated code points) ------------------------------------
+# ---- byte-level measures of ASCII captions (numpy over the Arrow buffers) ---------------------------
+#
+# Most captions are plain ASCII, where a character is a byte: letters are [A-Za-z] (all of \p{L} in
+# ASCII), decimal digits [0-9] (\p{Nd}), whitespace the ten bytes str.isspace() accepts (\t \n \v \f
+# \r, \x1c-\x1f, space). Their counts come from one table lookup per byte and a running sum over the
+# whole buffer; captions with any other character go through the regex/code-point versions.
+
+_ASCII_WS = (9, 10, 11, 12, 13, 28, 29, 30, 31, 32)
+_FIELD = 21  # bits per packed count: captions of up to 2 MiB (longer ones take the regex path)
+_BLOCK_BYTES = 1 << 22
 
 
-def longest_char_run(texts: pl.Series, chunk: int = 200_000) -> np.ndarray:
-    """Length of the longest run of one repeated non-whitespace character in each text.
+def _utf8_buffers(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets: int64[n + 1] into data, data: uint8) of the texts' UTF-8 bytes; nulls are empty."""
+    import pyarrow as pa
 
-    Works on the concatenated code points of a chunk of texts: only positions equal to their
-    predecessor (inside one text, not whitespace) are looked at, so the cost is one comparison per
-    character plus the handful of repeats.
-    """
-    texts = texts.cast(pl.Utf8).fill_null("")
-    # 1 for texts with any non-whitespace character (their longest run is at least 1), else 0.
-    out = texts.str.contains(f"[^{whitespace_class()}]").cast(pl.Int64).to_numpy().copy()
+    arr = texts.cast(pl.Utf8).fill_null("").rechunk().to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.large_string())
+    _, off, data = arr.buffers()
+    offsets = np.frombuffer(off, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    return offsets, values
+
+
+def _blocks(offsets: np.ndarray):
+    """(first row, end row) ranges of about _BLOCK_BYTES bytes each."""
+    n = len(offsets) - 1
+    i = 0
+    while i < n:
+        j = int(np.searchsorted(offsets, offsets[i] + _BLOCK_BYTES, side="right")) - 1
+        j = min(max(j, i + 1), n)
+        yield i, j
+        i = j
+
+
+def _ascii_class_counts(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Letters, decimal digits and whitespace per text, exact for ASCII texts shorter than 2 MiB
+    (meaningless for others)."""
+    lut = np.zeros(256, dtype=np.uint64)
+    for c in range(ord("a"), ord("z") + 1):
+        lut[c] = lut[c - 32] = 1
+    lut[ord("0"):ord("9") + 1] = 1 << _FIELD
+    lut[list(_ASCII_WS)] = 1 << (2 * _FIELD)
+    n = len(offsets) - 1
+    packed = np.zeros(n, dtype=np.uint64)
+    for i, j in _blocks(offsets):
+        lo, hi = int(offsets[i]), int(offsets[j])
+        cs = np.zeros(hi - lo + 1, dtype=np.uint64)
+        np.cumsum(lut[data[lo:hi]], out=cs[1:])  # wraps modulo 2**64; the differences stay exact
+        packed[i:j] = cs[offsets[i + 1:j + 1] - lo] - cs[offsets[i:j] - lo]
+    mask = np.uint64((1 << _FIELD) - 1)
+    return ((packed & mask).astype(np.int64), ((packed >> np.uint64(_FIELD)) & mask).astype(np.int64),
+            (packed >> np.uint64(2 * _FIELD)).astype(np.int64))
+
+
+def _ascii_rows(texts: pl.Series) -> np.ndarray:
+    """True for texts that are ASCII (one byte per character) and shorter than 2 MiB."""
+    t = texts.cast(pl.Utf8).fill_null("")
+    b = t.str.len_bytes()
+    return ((b == t.str.len_chars()) & (b < (1 << _FIELD))).to_numpy()
+
+
+# ---- character runs ---------------------------------------------------------------------------------
+
+
+def _runs_from_repeats(idx: np.ndarray, ends: np.ndarray, out: np.ndarray, base: int) -> None:
+    """idx: sorted positions p whose character repeats the one before it (p + 1 repeats p, same
+    text, not whitespace); updates out[base + row] with the longest run of each row."""
+    if len(idx) == 0:
+        return
+    # Consecutive repeat positions form one run; a run of r repeats is r + 1 characters.
+    new_run = np.ones(len(idx), dtype=bool)
+    new_run[1:] = np.diff(idx) != 1
+    run_first = np.flatnonzero(new_run)
+    run_len = np.diff(np.append(run_first, len(idx))) + 1
+    row = np.searchsorted(ends, idx[run_first], side="right")
+    np.maximum.at(out, base + row, run_len)
+
+
+def _longest_run_codepoints(texts: pl.Series, out: np.ndarray, chunk: int = 200_000) -> None:
+    """Longest runs over the texts' code points (any text)."""
     ws = np.array(python_whitespace(), dtype=np.int64)
     is_ws = np.zeros(int(ws.max()) + 1, dtype=bool)
     is_ws[ws] = True
@@ -224,19 +430,46 @@ def longest_char_run(texts: pl.Series, chunk: int = 200_000) -> np.ndarray:
         inner = ends[:-1][(ends[:-1] > 0) & (ends[:-1] < total)]
         same[inner - 1] = False  # never across two texts
         idx = np.flatnonzero(same)
-        if len(idx) == 0:
-            continue
         c = cps[idx]
         idx = idx[~((c < len(is_ws)) & is_ws[np.minimum(c, len(is_ws) - 1)])]
-        if len(idx) == 0:
+        _runs_from_repeats(idx, ends, out, start)
+
+
+def longest_char_run(texts: pl.Series, chunk: int = 200_000) -> np.ndarray:
+    """Length of the longest run of one repeated non-whitespace character in each text.
+
+    Only positions equal to their predecessor (inside one text, not whitespace) are looked at, so
+    the cost is one comparison per character plus the handful of repeats: over the UTF-8 bytes for
+    ASCII texts (straight from the Arrow buffer), over code points for the others.
+    """
+    texts = texts.cast(pl.Utf8).fill_null("")
+    # 1 for texts with any non-whitespace character (their longest run is at least 1), else 0.
+    out = texts.str.contains(f"[^{whitespace_class()}]").cast(pl.Int64).to_numpy().copy()
+    if len(texts) == 0:
+        return out
+    any_char = out.copy()
+    ascii_rows = _ascii_rows(texts)
+    offsets, data = _utf8_buffers(texts)
+    is_ws = np.zeros(256, dtype=bool)
+    is_ws[list(_ASCII_WS)] = True
+    for i, j in _blocks(offsets):
+        lo, hi = int(offsets[i]), int(offsets[j])
+        if hi - lo < 2:
             continue
-        # Consecutive repeat positions form one run; a run of r repeats is r + 1 characters.
-        new_run = np.ones(len(idx), dtype=bool)
-        new_run[1:] = np.diff(idx) != 1
-        run_first = np.flatnonzero(new_run)
-        run_len = np.diff(np.append(run_first, len(idx))) + 1
-        row = np.searchsorted(ends, idx[run_first], side="right")
-        np.maximum.at(out, start + row, run_len)
+        seg = data[lo:hi]
+        same = seg[1:] == seg[:-1]
+        starts = offsets[i + 1:j] - lo
+        starts = starts[(starts > 0) & (starts < hi - lo)]
+        same[starts - 1] = False  # never across two texts
+        same &= ~is_ws[seg[:-1]]
+        idx = np.flatnonzero(same)
+        # Runs in non-ASCII texts are recomputed over code points below.
+        _runs_from_repeats(idx, offsets[i + 1:j + 1] - lo, out, i)
+    other = np.flatnonzero(~ascii_rows)
+    if len(other):
+        sub = any_char[other].copy()
+        _longest_run_codepoints(texts.gather(other), sub, chunk)
+        out[other] = sub
     return out
 
 
@@ -336,6 +569,8 @@ class CaptionQuality(Stage):
             return StageResult(empty_decisions())
         text = f[self.column].cast(pl.Utf8).fill_null("").alias("_t")
         have_lang = LANG in f.columns and LANG_CONF in f.columns and self.lid_model is None
+        if "language" in self.checks and not have_lang:
+            warm_language_workers(f.height, model_path=self.lid_model, processes=self.processes)
         if have_lang:
             base = pl.DataFrame([text, f[LANG].cast(pl.Utf8), f[LANG_CONF].cast(pl.Float64)])
             distinct = base.unique(subset="_t", keep="first", maintain_order=False)
@@ -351,7 +586,8 @@ class CaptionQuality(Stage):
             bad = fails.add(getattr(self, f"_check_{check}")(alive))
             if bad.height:
                 alive = alive.join(bad.select("_i"), on="_i", how="anti")
-        per_caption = distinct.select("_i", "_t").join(fails.frame(), on="_i", how="left").drop("_i")
+        # Only failing captions are joined back (kept ones have no reason, value or detail).
+        per_caption = distinct.select("_i", "_t").join(fails.frame(), on="_i", how="inner").drop("_i")
         d = text.to_frame().join(per_caption, on="_t", how="left", maintain_order="left")
         return StageResult(decisions_frame(f["uid"], d["reason"].is_null(), d["reason"], d["value"],
                                            d["threshold"], None, d["detail"]), stats=stats)
@@ -393,30 +629,46 @@ class CaptionQuality(Stage):
     # -- checks (each gets the alive distinct captions `_i`, `_t` and returns rows with a reason) --
     def _check_length(self, a: pl.DataFrame) -> pl.DataFrame:
         t = pl.col("_t")
-        w, c = word_count(t), char_count(t)
+        w, c = word_count(t), char_count(t)  # values: computed for the dropped rows only
         rules = []
         if self.min_words is not None:
-            rules.append(Rule("caption_too_few_words", w < self.min_words, w, float(self.min_words)))
+            rules.append(Rule("caption_too_few_words", ~at_least_words(t, self.min_words), w, float(self.min_words)))
         if self.max_words is not None:
-            rules.append(Rule("caption_too_many_words", w > self.max_words, w, float(self.max_words)))
+            rules.append(Rule("caption_too_many_words", at_least_words(t, self.max_words + 1), w,
+                              float(self.max_words)))
         if self.min_chars is not None:
             rules.append(Rule("caption_too_short", c < self.min_chars, c, float(self.min_chars)))
         if self.max_chars is not None:
             rules.append(Rule("caption_too_long", c > self.max_chars, c, float(self.max_chars)))
         return self._rules(a, rules)
 
+    @staticmethod
+    def _charset_counts(texts: pl.Series) -> pl.DataFrame:
+        """Per text: characters, whitespace (str.isspace), letters (\\p{L}), decimal digits (\\p{Nd}).
+        Bytes for ASCII texts, regexes ("length minus the text without them") for the others."""
+        total = texts.str.len_chars().cast(pl.Int64).to_numpy().copy()
+        letters, digits, spaces = _ascii_class_counts(*_utf8_buffers(texts))
+        other = np.flatnonzero(~_ascii_rows(texts))
+        if len(other):
+            sub = texts.gather(other).to_frame("_t")
+            t = pl.col("_t")
+
+            def count(cls: str) -> pl.Expr:
+                return (t.str.len_chars() - t.str.replace_all(f"{cls}+", "").str.len_chars()).cast(pl.Int64)
+
+            c = sub.select(ws=count(f"[{whitespace_class()}]"), l=count(r"\p{L}"), d=count(r"\p{Nd}"))
+            spaces[other], letters[other], digits[other] = c["ws"].to_numpy(), c["l"].to_numpy(), c["d"].to_numpy()
+        return pl.DataFrame({"_total": total, "_ws": spaces, "_alpha": letters, "_digit": digits})
+
     def _check_charset(self, a: pl.DataFrame) -> pl.DataFrame:
-        t = pl.col("_t")
-        total = t.str.len_chars().cast(pl.Float64)
-
-        def count(cls: str) -> pl.Expr:  # characters of a class: cheaper as "length minus the rest"
-            return total - t.str.replace_all(f"{cls}+", "").str.len_chars().cast(pl.Float64)
-
-        nonspace = total - count(f"[{whitespace_class()}]")
-        alpha = count(r"\p{L}") / nonspace
-        digit = count(r"\p{Nd}") / nonspace
-        alpha = pl.when(nonspace > 0).then(alpha).otherwise(0.0)
-        digit = pl.when(nonspace > 0).then(digit).otherwise(0.0)
+        counts = self._charset_counts(a["_t"])
+        total = pl.col("_total").cast(pl.Float64)
+        nonspace = total - pl.col("_ws").cast(pl.Float64)
+        alpha = pl.when(nonspace > 0).then(pl.col("_alpha").cast(pl.Float64) / nonspace).otherwise(0.0)
+        digit = pl.when(nonspace > 0).then(pl.col("_digit").cast(pl.Float64) / nonspace).otherwise(0.0)
+        b = pl.concat([a.select("_i"), counts], how="horizontal").select(
+            "_i", _a=alpha.cast(pl.Float64), _d=digit.cast(pl.Float64))
+        alpha, digit = pl.col("_a"), pl.col("_d")
         rules = []
         if self.min_alpha_ratio is not None:
             rules.append(Rule("caption_low_alpha_ratio", fails_below(alpha, self.min_alpha_ratio), alpha,
@@ -424,7 +676,7 @@ class CaptionQuality(Stage):
         if self.max_digit_ratio is not None:
             rules.append(Rule("caption_high_digit_ratio", fails_above(digit, self.max_digit_ratio), digit,
                               float(self.max_digit_ratio)))
-        return self._rules(a, rules)
+        return self._rules(b, rules)
 
     def _check_mojibake(self, a: pl.DataFrame) -> pl.DataFrame:
         t = pl.col("_t")
@@ -475,24 +727,27 @@ class CaptionQuality(Stage):
         out = a.select("_i")
         if self.max_char_run is not None:
             out = out.with_columns(run=pl.Series(longest_char_run(a["_t"]), dtype=pl.Float64))
-        toks = a.select("_i", w=pl.col("_t").str.to_lowercase().str.extract_all(r"[\p{L}\p{N}]+"))
-        toks = toks.with_columns(n=pl.col("w").list.len()).filter(pl.col("n") >= self.rep_min_words)
         top = pl.DataFrame(schema={"_i": pl.UInt32, "top": pl.Float64})
         dup = pl.DataFrame(schema={"_i": pl.UInt32, "dup": pl.Float64})
-        if toks.height and self.max_top_word_ratio is not None:
-            top = toks.select("_i", top=(pl.col("w").list.eval(pl.element().unique_counts().max()).list.first()
-                                         / pl.col("n")).cast(pl.Float64))
-        if toks.height and self.max_dup_ngram_frac is not None:
-            # Word n-grams over the exploded words, kept only while all n words are in one caption.
-            ex = toks.explode("w")
-            k = self.ngram
-            same = [pl.col("_i").shift(-j) == pl.col("_i") for j in range(1, k)]
-            gram = pl.concat_str([pl.col("w").shift(-j) for j in range(k)], separator=" ")
-            ok = pl.all_horizontal(same) if same else pl.lit(True)
-            grams = ex.select("_i", g=pl.when(ok).then(gram)).drop_nulls("g")
-            dup = (grams.group_by("_i", "g").agg(c=pl.len())
-                   .group_by("_i").agg(dup=(pl.col("c").filter(pl.col("c") > 1).sum()
-                                            / pl.col("c").sum()).cast(pl.Float64)))
+        if self.max_top_word_ratio is not None or self.max_dup_ngram_frac is not None:
+            toks = a.select("_i", w=pl.col("_t").str.to_lowercase().str.extract_all(r"[\p{L}\p{N}]+"))
+            toks = toks.with_columns(n=pl.col("w").list.len()).filter(pl.col("n") >= self.rep_min_words)
+            toks = toks.filter(self._may_repeat(pl.col("n").cast(pl.Float64),
+                                                pl.col("w").list.n_unique().cast(pl.Float64)))
+            if toks.height and self.max_top_word_ratio is not None:
+                top = toks.select("_i", top=(pl.col("w").list.eval(pl.element().unique_counts().max()).list.first()
+                                             / pl.col("n")).cast(pl.Float64))
+            if toks.height and self.max_dup_ngram_frac is not None:
+                # Word n-grams over the exploded words, kept only while all n words are in one caption.
+                ex = toks.select("_i", "w").explode("w")
+                k = self.ngram
+                same = [pl.col("_i").shift(-j) == pl.col("_i") for j in range(1, k)]
+                gram = pl.concat_str([pl.col("w").shift(-j) for j in range(k)], separator=" ")
+                ok = pl.all_horizontal(same) if same else pl.lit(True)
+                grams = ex.select("_i", g=pl.when(ok).then(gram)).drop_nulls("g")
+                dup = (grams.group_by("_i", "g").agg(c=pl.len())
+                       .group_by("_i").agg(dup=(pl.col("c").filter(pl.col("c") > 1).sum()
+                                                / pl.col("c").sum()).cast(pl.Float64)))
         out = out.join(top, on="_i", how="left").join(dup, on="_i", how="left")
         rules = []
         if self.max_char_run is not None:
@@ -506,18 +761,43 @@ class CaptionQuality(Stage):
                               pl.col("dup"), float(self.max_dup_ngram_frac)))
         return self._rules(out, rules)
 
+    def _may_repeat(self, n: pl.Expr, u: pl.Expr) -> pl.Expr:
+        """False only for captions (n words, u distinct) that can fail neither ratio, so the exact
+        ratios are computed for the rest only.
+
+        The most common word occurs at most n - u + 1 times. At most 2(n - u) word occurrences
+        belong to words that occur more than once (each such word takes two or more of the n - u
+        occurrences beyond the first u). Every word of an n-gram that occurs more than once is such
+        an occurrence, and m >= 1 such n-grams cover at least m + ngram - 1 positions, so a
+        duplicated share above f of the n - ngram + 1 n-grams needs 2(n - u) > f(n - ngram + 1) + ngram - 1.
+        """
+        slack = 1e-9
+        cond = pl.lit(False)
+        t = self.max_top_word_ratio
+        if t is not None:
+            cond = cond | ((n - u + 1) > t * n - slack) if t >= 0 else pl.lit(True)
+        f = self.max_dup_ngram_frac
+        if f is not None:
+            k = self.ngram
+            cond = cond | (2 * (n - u) > f * (n - k + 1) + k - 1 - slack) if f >= 0 else pl.lit(True)
+        return cond
+
     def _check_tokens(self, a: pl.DataFrame) -> pl.DataFrame:
         if self.max_tokens is None:
             return a.select("_i", reason=pl.lit(None, pl.Utf8), value=pl.lit(None, pl.Float64),
                             threshold=pl.lit(None, pl.Float64), detail=pl.lit(None, pl.Utf8))
         t = pl.col("_t")
-        # An ASCII caption of L characters has at most L BPE tokens (cleaning never lengthens ASCII
-        # and every token covers >= 1 byte), so short ASCII captions cannot overflow.
-        sure = (t.str.len_bytes() == t.str.len_chars()) & (t.str.len_chars() <= self.max_tokens - 2)
+        # A plain-ASCII caption (see _SIMPLE_ASCII) has at most one token per non-space character,
+        # so one with at most max_tokens - 2 of them cannot overflow; every other caption is counted.
+        if _simple_bpe_path(self.tokenizer):
+            nonspace = t.str.len_bytes() - t.str.count_matches(" ", literal=True)
+            sure = t.str.contains(_SIMPLE_ASCII) & (nonspace <= self.max_tokens - 2)
+        else:
+            sure = pl.lit(False)
         need = a.filter(~sure)
         if need.height == 0:
             return a.select("_i", reason=pl.lit(None, pl.Utf8), value=pl.lit(None, pl.Float64),
-                            threshold=pl.lit(None, pl.Float64), detail=pl.lit(None, pl.Utf8))
+                            threshold=pl.lit(None, pl.Float64), detail=pl.lit(None, pl.Utf8)).clear()
         counts = clip_token_counts(need["_t"], self.tokenizer, processes=self.processes)
         need = need.with_columns(tokens=pl.Series(counts + 2, dtype=pl.Float64))  # + start and end tokens
         tok = pl.col("tokens")
@@ -528,7 +808,7 @@ class CaptionQuality(Stage):
         if LANG in a.columns:
             ids = a.select(LANG, LANG_CONF)
         else:
-            ids = identify(a["_t"], model_path=self.lid_model, processes=self.processes)
+            ids = identify(a["_t"], model_path=self.lid_model, processes=self.processes, memo=True)
         b = pl.concat([a.select("_i"), ids], how="horizontal")
         lang, conf = pl.col(LANG), pl.col(LANG_CONF)
         rules = []

@@ -40,7 +40,7 @@ import polars as pl
 
 from ..errors import UsageError
 from .base import Stage, StageInput, StageResult, decisions_frame, register_stage
-from .langid import LANG, LANG_CONF, languages_for
+from .langid import LANG, LANG_CONF, languages_for, warm_language_workers
 
 # ---- Python-exact text measures -----------------------------------------------------------------
 
@@ -48,7 +48,13 @@ from .langid import LANG, LANG_CONF, languages_for
 @functools.lru_cache(maxsize=1)
 def python_whitespace() -> tuple[int, ...]:
     """Code points for which `str.isspace()` is true in this Python (what `str.split()` splits on)."""
-    return tuple(cp for cp in range(0x110000) if chr(cp).isspace())
+    import re
+
+    # Every code point but the surrogates (none is whitespace); `re`'s \s on str is exactly
+    # str.isspace() (both are Py_UNICODE_ISSPACE), and scans in C.
+    cps = np.concatenate([np.arange(0xD800, dtype=np.uint32), np.arange(0xE000, 0x110000, dtype=np.uint32)])
+    every = cps.tobytes().decode("utf-32-le")
+    return tuple(sorted(ord(c) for c in re.findall(r"\s", every)))
 
 
 def _char_class(cps: Sequence[int]) -> str:
@@ -84,6 +90,22 @@ def word_count(expr: pl.Expr) -> pl.Expr:
 def char_count(expr: pl.Expr) -> pl.Expr:
     """`len(text)` in code points (null: 0)."""
     return expr.fill_null("").str.len_chars().cast(pl.Int64)
+
+
+_AT_LEAST_MAX = 64  # beyond this many words the anchored pattern gets large: count instead
+
+
+def at_least_words(expr: pl.Expr, k: int) -> pl.Expr:
+    """`len(text.split()) >= k` (null: 0 words), without counting every word: an anchored match
+    of k - 1 words and their separators followed by the first character of a k-th word stops
+    after the k-th word starts."""
+    if k <= 0:
+        return pl.lit(True)
+    if k > _AT_LEAST_MAX:
+        return word_count(expr) >= k
+    ws = whitespace_class()
+    rest = f"(?:[^{ws}]+[{ws}]+){{{k - 1}}}" if k > 1 else ""
+    return expr.fill_null("").str.contains(f"^[{ws}]*{rest}[^{ws}]")
 
 
 # ---- rules → decisions --------------------------------------------------------------------------
@@ -128,6 +150,40 @@ def first_failure(rules: Sequence[Rule]) -> list[pl.Expr]:
         chain(lambda r: pl.lit(r.threshold, pl.Float64), pl.Float64, "threshold"),
         chain(lambda r: r.detail if r.detail is not None else pl.lit(None, pl.Utf8), pl.Utf8, "detail"),
     ]
+
+
+def first_failure_frame(frame: pl.DataFrame, rules: Sequence[Rule]) -> pl.DataFrame:
+    """`first_failure` evaluated on `frame`, with each rule's value and detail computed only on the
+    rows that rule decides (a costly value such as a word count is then paid for the few rows that
+    fail on it, not for every row; values and details must be row-wise expressions). Columns
+    `reason`, `value`, `threshold`, `detail`, row-aligned."""
+    if not rules or frame.height == 0:
+        return frame.with_columns(first_failure(rules)).select("reason", "value", "threshold", "detail")
+    # The first failing rule as a small integer (cheaper to build and compare than the strings).
+    code = pl.when(rules[0].fails).then(pl.lit(0, pl.UInt8))
+    for i, r in enumerate(rules[1:], 1):
+        code = code.when(r.fails).then(pl.lit(i, pl.UInt8))
+    code = frame.select(code.otherwise(pl.lit(None, pl.UInt8))).to_series()
+    reason = code.replace_strict(list(range(len(rules))), [r.reason for r in rules], default=None,
+                                 return_dtype=pl.Utf8)
+    n = frame.height
+    value = pl.repeat(None, n, dtype=pl.Float64, eager=True).alias("value")
+    threshold = pl.repeat(None, n, dtype=pl.Float64, eager=True).alias("threshold")
+    detail = pl.repeat(None, n, dtype=pl.Utf8, eager=True).alias("detail")
+    for i, r in enumerate(rules):
+        idx = (code == i).fill_null(False).arg_true()
+        if len(idx) == 0:
+            continue
+        exprs = [r.value] + ([r.detail] if r.detail is not None else [])
+        cols = sorted({c for e in exprs for c in e.meta.root_names()})
+        # with_columns broadcasts literal values to the rows; the frame holds only what they read.
+        sub = frame.select(cols)[idx] if cols else pl.DataFrame({"_row": idx})
+        value = value.scatter(idx, sub.with_columns(r.value.cast(pl.Float64).alias("_v"))["_v"])
+        if r.threshold is not None:
+            threshold = threshold.scatter(idx, pl.repeat(float(r.threshold), len(idx), dtype=pl.Float64, eager=True))
+        if r.detail is not None:
+            detail = detail.scatter(idx, sub.with_columns(r.detail.cast(pl.Utf8).alias("_d"))["_d"])
+    return pl.DataFrame([reason.alias("reason"), value, threshold, detail])
 
 
 def decisions_from(uid: pl.Series, reason: pl.Series, value: pl.Series, threshold: pl.Series,
@@ -229,14 +285,17 @@ class DataCompBasic(Stage):
         require_columns(f, self.name, ["uid", self.column, "width", "height"])
         if f.height == 0:
             return StageResult(empty_decisions())
+        if not (LANG in f.columns and LANG_CONF in f.columns and self.lid_model is None):
+            warm_language_workers(f.height, model_path=self.lid_model, processes=self.processes)
         words = word_count(pl.col(self.column))
         chars = char_count(pl.col(self.column))
         rules = [
-            Rule("caption_too_few_words", words < self.min_words, words, float(self.min_words)),
+            Rule("caption_too_few_words", ~at_least_words(pl.col(self.column), self.min_words), words,
+                 float(self.min_words)),
             Rule("caption_too_short", chars < self.min_chars, chars, float(self.min_chars)),
             *size_rules(self.min_side, self.max_aspect),
         ]
-        pre = f.select(first_failure(rules))
+        pre = first_failure_frame(f, rules)
         reason, value, threshold, detail = _apply_lang(
             f, pre["reason"], pre["value"], pre["threshold"], pre["detail"], column=self.column,
             lang=self.lang, lid_model=self.lid_model, processes=self.processes)
