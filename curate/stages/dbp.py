@@ -280,6 +280,15 @@ class _ClusteredBudgetStage(Stage):
         seed = int(self.seed if self.seed is not None else inp.seed)
         return ClusterSpec(self.k, self.niter, seed, self.sample_size, self.scorer, self.kind)
 
+    def _begin(self, inp: StageInput):
+        """(budget, uids, seed, result-if-empty) for this input."""
+        budget = _budget(inp, self)
+        uids = inp.frame["uid"].cast(pl.Utf8)
+        seed = int(self.seed if self.seed is not None else inp.seed)
+        empty = (StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
+                 if len(uids) == 0 else None)
+        return budget, uids, seed, empty
+
 
 @register_stage
 class DensityBasedPruning(_ClusteredBudgetStage):
@@ -307,13 +316,11 @@ class DensityBasedPruning(_ClusteredBudgetStage):
         return [self.score] if self.keep == "score" else []
 
     def apply(self, inp: StageInput) -> StageResult:
-        budget = _budget(inp, self)
+        budget, uids, seed, empty = self._begin(inp)
+        if empty is not None:
+            return empty
         frame = inp.frame
         n = len(frame)
-        uids = frame["uid"].cast(pl.Utf8)
-        seed = int(self.seed if self.seed is not None else inp.seed)
-        if n == 0:
-            return StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
         order = UidOrder(uids)
         clu = clustering_for_stage(inp, self.cluster_spec(inp), order=order, device=self.device, need_centroids=True)
         sizes, d_intra, d_inter = cluster_distances(clu.cluster, clu.dist, clu.centroids, self.l_nearest)
@@ -378,13 +385,11 @@ class PrototypePruning(_ClusteredBudgetStage):
         self.keep, self.floor_ratio = keep, float(floor_ratio)
 
     def apply(self, inp: StageInput) -> StageResult:
-        budget = _budget(inp, self)
+        budget, uids, seed, empty = self._begin(inp)
+        if empty is not None:
+            return empty
         frame = inp.frame
         n = len(frame)
-        uids = frame["uid"].cast(pl.Utf8)
-        seed = int(self.seed if self.seed is not None else inp.seed)
-        if n == 0:
-            return StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
         order = UidOrder(uids)
         clu = clustering_for_stage(inp, self.cluster_spec(inp), order=order, device=self.device)
         sizes = np.bincount(clu.cluster, minlength=clu.k)
