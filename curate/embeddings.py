@@ -9,7 +9,6 @@ as memory maps, a chunk at a time: nothing here loads a whole pool.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np

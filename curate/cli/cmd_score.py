@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -24,7 +25,7 @@ def score(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N. auto uses every visible "
                                         "GPU (one process each), else the CPU.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (GPU chunks back off on OOM).")] = 64,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers decoding and resizing.")] = max(1, min(8, (__import__("os").cpu_count() or 2) - 1)),
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers decoding and resizing.")] = max(1, min(8, (os.cpu_count() or 2) - 1)),
     flip: Annotated[bool, typer.Option("--flip", help="Also score the horizontally flipped image (stored as "
                                        "scorer NAME:flip): text rendered in images inflates CLIP scores, "
                                        "mirroring breaks that.")] = False,

@@ -20,13 +20,11 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
-import os
 import queue as queue_mod
 import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import polars as pl
@@ -205,8 +203,8 @@ def register_shard(manifest, ws, shard_id: int, run_id: int, scorer_rows: list[d
                 name = col[len("score::"):]
                 manifest.execute("DELETE FROM scores WHERE scorer = ? AND uid IN (SELECT uid FROM _res)", [name])
                 manifest.execute(f'INSERT INTO scores SELECT ?, uid, "{col}"::FLOAT FROM _res', [name])
-                manifest.execute(f'UPDATE scores SET score = NULL WHERE scorer = ? AND isnan(score) '
-                                 f'AND uid IN (SELECT uid FROM _res)', [name])
+                manifest.execute("UPDATE scores SET score = NULL WHERE scorer = ? AND isnan(score) "
+                                 "AND uid IN (SELECT uid FROM _res)", [name])
             manifest.execute("DELETE FROM sample_issues WHERE shard_id = ? AND action = 'unscored'", [shard_id])
             manifest.execute(
                 "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'undecodable', 'unscored', "
