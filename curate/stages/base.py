@@ -49,8 +49,8 @@ def decisions_frame(uid, keep, reason=None, value=None, threshold=None, ref_uid=
             cols[name] = v.alias(name).cast(dtype)
         elif isinstance(v, (np.ndarray, list, tuple)):
             cols[name] = pl.Series(name, v).cast(dtype)
-        else:
-            cols[name] = pl.Series(name, [v] * n, dtype=dtype)
+        else:  # a scalar: broadcast without building an n-element Python list
+            cols[name] = pl.repeat(v, n, dtype=dtype, eager=True).alias(name)
     return pl.DataFrame(cols)
 
 
