@@ -94,12 +94,12 @@ def build_stages(recipe: Recipe) -> list[tuple[str, Stage]]:
         cls = get_stage(spec.stage)
         try:
             st = cls(**spec.params)
-            st._apply_to = spec.apply_to
-            out.append((spec.id, st))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise UsageError(f"stage {spec.id!r} ({spec.stage}): {exc}") from None
-        except ValueError as exc:
-            raise UsageError(f"stage {spec.id!r} ({spec.stage}): {exc}") from None
+        if spec.apply_to == "pool" and st.uses_budget:
+            raise UsageError(f"stage {spec.id!r}: a budget stage cannot use apply_to = \"pool\"")
+        st._apply_to = spec.apply_to
+        out.append((spec.id, st))
     return out
 
 
@@ -179,22 +179,19 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
             t0 = time.perf_counter()
             b = None
             if stage.uses_budget:
-                b = resolve_budget(budget, alive.height) if budget is not None else None
-                if b is None:
-                    b = resolve_budget(stage.params().get("budget"), alive.height) if stage.params().get("budget") is not None else None
+                # --budget wins over the recipe's own `budget` parameter.
+                b = resolve_budget(budget if budget is not None else stage.params().get("budget"), alive.height)
                 if b is None:
                     raise UsageError(f"stage {sid} needs a budget: pass --budget N or 0.F")
                 if b > alive.height:
                     warnings.append(f"budget {b:,} exceeds the {alive.height:,} samples that reach {sid}; all are kept")
-            over_pool = getattr(stage, "_apply_to", "survivors") == "pool"
-            if over_pool and stage.uses_budget:
-                raise UsageError(f"stage {sid}: a budget stage cannot use apply_to = \"pool\"")
+            over_pool = stage._apply_to == "pool"
             dec, stats, artefacts = _apply(stage, pool if over_pool else alive, manifest, recipe.seed, b, cache,
                                            None if over_pool else pool)
             if over_pool:
                 full = _check_decisions(sid, pool, dec)
                 stats = {**stats, "applied_to": "pool", "kept_over_pool": int(full["keep"].sum())}
-                dec = full.join(alive.select("uid"), on="uid", how="semi")
+                dec = full.join(alive.select("uid"), on="uid", how="semi", maintain_order="left")
             dec = _check_decisions(sid, alive, dec)
             seconds = time.perf_counter() - t0
             kept = dec.filter(pl.col("keep")).select("uid")

@@ -146,6 +146,7 @@ class Stage:
     name: ClassVar[str] = ""
     scope: ClassVar[str] = "row"  # "row" | "global"
     uses_budget: ClassVar[bool] = False  # True: `curate prune --budget` sets inp.budget for this stage
+    _apply_to: str = "survivors"  # set by the runner from the recipe ("survivors" | "pool")
 
     def params(self) -> dict:
         """The resolved parameters, recorded with the run."""
