@@ -56,15 +56,12 @@ def caption_filter_report(manifest, truth: pl.DataFrame, run_id: int) -> dict:
             "clean_false_drop_rate": clean, "clean": n_clean}
 
 
-def _kept_at_end(manifest, run_id: int) -> pl.DataFrame:
-    last = manifest.scalar("SELECT max(stage_idx) FROM stage_stats WHERE run_id = ?", [run_id])
-    return manifest.frame("SELECT uid FROM decisions WHERE run_id = ? AND stage_idx = ? AND keep", [run_id, last])
-
-
 def cluster_balance(manifest, truth: pl.DataFrame, run_id: int) -> dict:
     """How evenly a run's kept set covers the truth's concept clusters: normalised entropy
     (1 = perfectly even over all clusters) and the largest cluster's share."""
-    kept = _kept_at_end(manifest, run_id).join(truth.select("uid", "cluster"), on="uid")
+    from .selection import kept_uids
+
+    kept = kept_uids(manifest, run_id)[2].join(truth.select("uid", "cluster"), on="uid")
     counts = kept["cluster"].value_counts()["count"].to_numpy().astype(float)
     p = counts / counts.sum()
     n_clusters = truth["cluster"].n_unique()

@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import json
 
-import duckdb
 import polars as pl
 import pytest
 
 from conftest import run_cli, run_json
 from curate.evaluate import cluster_balance, dedup_report, load_truth
+from curate.manifest import Manifest
 
 
-class _M:
-    """The evaluate helpers' manifest interface over a read-only connection."""
-
-    def __init__(self, ws):
-        self.con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
-
-    def frame(self, sql, params=None):
-        return pl.from_arrow(self.con.sql(sql, params=params).to_arrow_table())
-
-    def scalar(self, sql, params=None):
-        return self.con.execute(sql, params).fetchall()[0][0]
-
-    def close(self):
-        self.con.close()
+def _M(ws) -> Manifest:
+    return Manifest(ws / "manifest.duckdb", read_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 
-import duckdb
-
 from conftest import run_cli, run_json
 from curate.evaluate import caption_match_auc, load_truth, roc_auc
+from curate.manifest import Manifest
 
 
 def test_roc_auc_known_values():
@@ -34,16 +33,8 @@ def test_train_then_score(tmp_path):
 
     run_json("ingest", noisy, "-w", ws)
     run_json("score", "-w", ws, "--model", f"{out / 'filter.pt'},name=dfn", "--device", "cpu", "--workers", "0")
-    con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
-
-    class M:  # the evaluate helpers take a manifest-like object with .frame()
-        def frame(self, sql, params):
-            import polars as pl
-
-            return pl.from_arrow(con.sql(sql, params=params).to_arrow_table())
-
-    auc = caption_match_auc(M(), load_truth(noisy), "dfn")
-    con.close()
+    with Manifest(ws / "manifest.duckdb", read_only=True) as m:
+        auc = caption_match_auc(m, load_truth(noisy), "dfn")
     assert auc["mismatched"] > 50
     assert auc["auc_matched_vs_mismatched"] > 0.6
 
