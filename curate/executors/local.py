@@ -165,6 +165,7 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
     scorers = sorted({s for _, st in stages for s in st.needs_scores()})
     alive = load_pool(manifest, scorers)
     pool = alive
+    clustering_pool = _Pool(pool)
     n_pool = alive.height
     if n_pool == 0:
         raise UsageError("the workspace has no usable samples; ingest a pool first")
@@ -187,7 +188,7 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
                     warnings.append(f"budget {b:,} exceeds the {alive.height:,} samples that reach {sid}; all are kept")
             over_pool = stage._apply_to == "pool"
             dec, stats, artefacts = _apply(stage, pool if over_pool else alive, manifest, recipe.seed, b, cache,
-                                           None if over_pool else pool)
+                                           None if over_pool else clustering_pool)
             if over_pool:
                 full = _check_decisions(sid, pool, dec)
                 stats = {**stats, "applied_to": "pool", "kept_over_pool": int(full["keep"].sum())}
@@ -220,7 +221,16 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
             "funnel": [o.as_dict() for o in outcomes], "warnings": warnings}
 
 
-def _apply(stage: Stage, frame: pl.DataFrame, manifest, seed: int, budget, cache, pool: pl.DataFrame | None = None):
+class _Pool:
+    """The run's starting pool as clustering stages see it: the samples that have embeddings,
+    and the hash of their uid set, computed once per run."""
+
+    def __init__(self, pool: pl.DataFrame):
+        self.frame = pool.filter(pl.col("decode_error").is_null()) if "decode_error" in pool.columns else pool
+        self.fingerprint: str | None = None
+
+
+def _apply(stage: Stage, frame: pl.DataFrame, manifest, seed: int, budget, cache, pool: _Pool | None = None):
     """Run a stage over `frame`: row stages in partitions (bounded memory), others in one call."""
     if stage.scope == "row" and not stage.needs_embeddings() and frame.height > ROW_PARTITION:
         parts = [stage.apply(StageInput(frame.slice(s, ROW_PARTITION), {}, seed, budget, cache)).decisions
@@ -234,20 +244,22 @@ def _apply(stage: Stage, frame: pl.DataFrame, manifest, seed: int, budget, cache
     return res.decisions, res.stats, res.artefacts
 
 
-def _share_pool_clustering(stage: Stage, inp: StageInput, pool: pl.DataFrame, manifest, seed: int, cache) -> None:
+def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, manifest, seed: int, cache) -> None:
     """Cluster the run's whole pool once (cached across runs) and hand the stage that clustering
     restricted to its input, so a new eps, budget or upstream filter never re-clusters."""
     from ..cluster import cache_clustering, clustering_for_stage
 
     spec = stage.cluster_spec(inp)
-    base = pool.filter(pl.col("decode_error").is_null()) if "decode_error" in pool.columns else pool
+    base = pool.frame
     pos = inp.frame.select("uid").join(base.select("uid").with_row_index("_pos"), on="uid", how="left",
                                        maintain_order="left")["_pos"]
     if pos.null_count():
         raise UsageError(f"stage {stage.name} needs embeddings, but {pos.null_count():,} of its samples have none "
                          f"(undecodable images); put a decode_failures stage before it")
     views = {(sc, kind): open_view(manifest, base, sc, kind) for sc, kind in stage.needs_embeddings()}
-    pc = clustering_for_stage(StageInput(base, views, seed, None, cache), spec, need_centroids=True)
+    pool_inp = StageInput(base, views, seed, None, cache, _fingerprint=pool.fingerprint)
+    pc = clustering_for_stage(pool_inp, spec, need_centroids=True)
+    pool.fingerprint = pool_inp.fingerprint()
     idx = pos.to_numpy()
     cache_clustering(inp, spec, pc.cluster[idx], pc.dist[idx], pc.centroids)
 

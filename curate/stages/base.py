@@ -113,16 +113,19 @@ class StageInput:
     seed: int = 0
     budget: int | None = None
     cache: Any = None
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def fingerprint(self) -> str:
-        """A short hash of the input uid set (order-independent), for cache keys."""
-        import hashlib
+        """A short hash of the input uid set (order-independent), for cache keys; computed once."""
+        if self._fingerprint is None:
+            import hashlib
 
-        h = hashlib.sha256()
-        uids = self.frame["uid"].sort()
-        for start in range(0, len(uids), 1 << 20):
-            h.update("\n".join(uids.slice(start, 1 << 20).to_list()).encode())
-        return h.hexdigest()[:16]
+            h = hashlib.sha256()
+            uids = self.frame["uid"].sort()
+            for start in range(0, len(uids), 1 << 20):
+                h.update("\n".join(uids.slice(start, 1 << 20).to_list()).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def embedding(self, scorer: str, kind: str = "img") -> EmbeddingView:
         try:
