@@ -49,6 +49,7 @@ class IngestSummary:
     samples_attached: int = 0  # pending URL-table samples that a downloaded shard now holds
     rejected: int = 0
     warnings: int = 0
+    seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -429,5 +430,5 @@ def ingest_paths(ws, manifest, sources: list, fmt: str | None, run_id: int, *, r
             bar.update(task, description=f"ingest {unit.path.name}")
             ing.ingest_unit(unit)
             bar.advance(task)
-    ing.summary.__dict__["seconds"] = round(time.perf_counter() - t0, 3)
+    ing.summary.seconds = round(time.perf_counter() - t0, 3)
     return ing.summary
