@@ -16,12 +16,13 @@ ours: `curate.executors.local.run_pipeline` on the recipe
     [[stages]] stage = "caption_quality"          # defaults: every check, language conf >= 0.5
     [[stages]] stage = "clip_score"  scorer = "datacomp-l14"  fraction = 0.3  apply_to = "pool"
 
-inside `Manifest.run` + `Manifest.transaction` exactly as `curate prune` runs it: load_pool from
-DuckDB, every stage, every decision row and stage_stats row written, the commit. Each run starts
+inside `Manifest.run` exactly as `curate prune` runs it: the pool's spine from DuckDB, every
+stage, every decision row and stage_stats row written (committed chunk by chunk). Each run starts
 like a fresh `curate prune` (no remembered languages, no worker processes, no loaded models).
-The wall time is split (by timing the runner's own functions) into load_pool, each stage's work
-(`_apply`), the runner's checks of each stage's decisions (`_check_decisions`), decision writes,
-the rest of the runner (semi-joins between stages, funnel counts), the commit and the `runs` row.
+The wall time is split (by timing the runner's own functions) into load_pool (the spine), global
+stages' input frames (`stage_frame`), the runner's checks of each stage's decisions
+(`_check_decisions`), decision writes (`_record_decisions`), the rest (the stages' own work, the
+row stages' streamed reads, funnel counts) and the `runs` row.
 CPU seconds are this process's plus its worker processes'.
 
 baseline: DataComp's own approach to the same rules, one worker process per core, each handling
@@ -358,8 +359,8 @@ def run_ours(ws, m, profile: str | None = None):
     langid._model.cache_clear()
     caption_quality._bpe.cache_clear()
     timer = _Timer()
-    wrapped = {"load_pool": (local, "load_pool"), "stage": (local, "_apply"), "checks": (local, "_check_decisions"),
-               "decision_writes": (m, "insert_arrow"), "execute": (m, "execute")}
+    wrapped = {"load_pool": (local, "load_pool"), "stage_frames": (local, "stage_frame"),
+               "checks": (local, "_check_decisions"), "decision_writes": (local, "_record_decisions")}
     originals = {k: getattr(obj, attr) for k, (obj, attr) in wrapped.items()}
     for k, (obj, attr) in wrapped.items():
         setattr(obj, attr, timer.wrap(k, originals[k]))
@@ -374,12 +375,11 @@ def run_ours(ws, m, profile: str | None = None):
         if prof:
             prof.enable()
         with m.run("prune", {"recipe": recipe.as_dict(), "bench": True}, seed=recipe.seed) as rec:
-            with m.transaction():
-                timer.calls.clear()
-                t1 = time.perf_counter()
-                summary = local.run_pipeline(ws, m, recipe, rec.run_id)
-                t2 = time.perf_counter()
-                inside = {k: list(v) for k, v in timer.calls.items()}
+            timer.calls.clear()
+            t1 = time.perf_counter()
+            summary = local.run_pipeline(ws, m, recipe, rec.run_id)
+            t2 = time.perf_counter()
+            inside = {k: list(v) for k, v in timer.calls.items()}
             t3 = time.perf_counter()
             rec.summary = summary
         total = time.perf_counter() - t0
@@ -402,14 +402,15 @@ def run_ours(ws, m, profile: str | None = None):
     basic = {r[0] for r in m.execute("SELECT uid FROM decisions WHERE run_id = ? AND stage_idx = 0 AND keep",
                                      [run_id]).fetchall()}
     n_dec = m.scalar("SELECT count(*) FROM decisions WHERE run_id = ?", [run_id])
-    # One `_apply` call per stage, in recipe order: the stage's own work (apply over its partitions).
-    steps = {"load_pool": sum(inside.get("load_pool", []))}
-    steps.update({f"stage:{s.id}": t for s, t in zip(recipe.stages, inside.get("stage", []))})
+    steps = {"load_pool": sum(inside.get("load_pool", []))}  # the spine: uid ranks, positions, scores
+    # Global stages' inputs (columns streamed from the manifest and condensed); row stages stream
+    # theirs inside the stage step.
+    steps["stage_frames"] = sum(inside.get("stage_frames", []))
     steps["runner_checks"] = sum(inside.get("checks", []))  # _check_decisions on every stage's output
-    steps["decision_writes"] = sum(inside.get("decision_writes", []))
-    steps["stage_stats_rows"] = sum(inside.get("execute", []))
-    steps["runner_other"] = (t2 - t1) - sum(steps.values())  # semi-joins between stages, funnel counts
-    steps["commit"] = t3 - t2
+    steps["decision_writes"] = sum(inside.get("decision_writes", []))  # committed chunk by chunk
+    # The stages' own work (apply over their partitions), row-stage streaming and funnel counts.
+    steps["stages_and_streaming"] = (t2 - t1) - sum(steps.values())
+    steps["finish"] = t3 - t2
     steps["run_rows"] = total - (t3 - t1)  # the `runs` row before and after
     return {"seconds": total, "cpu_s": cpu, "steps": steps, "basic": basic, "final": final, "decision_rows": n_dec,
             "funnel": [(f["stage"], f["in"], f["kept"], f["seconds"]) for f in summary["funnel"]]}

@@ -255,6 +255,26 @@ class Manifest:
         else:
             self.finish_run(rec.run_id, "ok", summary=rec.summary)
 
+    def discard_decisions(self, run_id: int) -> None:
+        """Delete what a prune run recorded (decisions, stage_stats): a run that did not finish."""
+        self.execute("DELETE FROM decisions WHERE run_id = ?", [run_id])
+        self.execute("DELETE FROM stage_stats WHERE run_id = ?", [run_id])
+
+    def clear_unfinished(self, command: str) -> list[int]:
+        """Runs of `command` left 'running' by a killed process become 'interrupted', and every
+        unfinished run's decisions are deleted. Call only while holding the workspace lock (then
+        no other process is running one). Returns the run ids cleaned."""
+        ids = [int(r[0]) for r in self.execute(
+            "SELECT run_id FROM runs WHERE command = ? AND status <> 'ok' AND "
+            "(status = 'running' OR run_id IN (SELECT DISTINCT run_id FROM stage_stats)) ORDER BY run_id",
+            [command]).fetchall()]
+        for rid in ids:
+            self.discard_decisions(rid)
+            self.execute("UPDATE runs SET status = 'interrupted', ended_at = coalesce(ended_at, ?), "
+                         "error = coalesce(error, 'the process ended before the run finished') "
+                         "WHERE run_id = ? AND status = 'running'", [_now(), rid])
+        return ids
+
     # ---- shards -----------------------------------------------------------------------
     def next_shard_id(self) -> int:
         return int(self.scalar("SELECT nextval('shard_id_seq')"))

@@ -274,3 +274,48 @@ def test_max_caption_repeats():
     assert dec["keep"].sum() == len({c or "" for c in caps})
     with pytest.raises(UsageError):
         get_stage("max_caption_repeats")(max_repeats=0)
+
+
+def repeated_captions_frame(n=3000, seed=7):
+    rng = random.Random(seed)
+    caps = [rng.choice(["A dog", "a  DOG", " a dog\t", "a cat", "", None, "A Cat", "unique %d" % i]) for i in range(n)]
+    uids = [f"{rng.getrandbits(120):032x}" for _ in caps]
+    for i in rng.sample(range(n), n // 50):  # repeated uids
+        uids[i] = uids[rng.randrange(n)]
+    score = [None if rng.random() < 0.05 else float("nan") if rng.random() < 0.05 else rng.randrange(5) / 4
+             for _ in caps]
+    return pl.DataFrame({"uid": uids, "caption": caps, "score__x": score, "shard_id": [0] * n,
+                         "row_idx": list(range(n))})
+
+
+REPEAT_CONFIGS = [dict(max_repeats=5), dict(max_repeats=1, normalize=False), dict(max_repeats=3, prefer_scorer="x")]
+
+
+@pytest.mark.parametrize("cfg", REPEAT_CONFIGS)
+def test_max_caption_repeats_condensed_batches_and_uid_ranks(cfg):
+    f = repeated_captions_frame()
+    st = get_stage("max_caption_repeats")(**cfg)
+    assert st.needs_columns() == ["caption"]
+    want = st.apply(StageInput(f))
+    assert (~want.decisions["keep"]).sum() > 0
+    assert pl.concat([st.condense(f.slice(i, 1)) for i in range(40)]).equals(st.condense(f.head(40)))
+    for size in (7, 500, len(f)):
+        parts = [st.condense(f.slice(s, size)) for s in range(0, len(f), size)]
+        assert [c for c, t in parts[0].schema.items() if t == pl.Utf8] == ["uid"]
+        got = st.apply(StageInput(pl.concat(parts)))
+        assert got.decisions.equals(want.decisions) and got.stats == want.stats
+    # UInt32 ranks of the uid strings (what the runner passes) give the same decisions.
+    ranked = f.with_columns(pl.col("uid").rank("dense").cast(pl.UInt32) - 1)
+    back = dict(zip(ranked["uid"].to_list(), f["uid"].to_list()))
+    for frame in (ranked, pl.concat([st.condense(ranked.slice(s, 400)) for s in range(0, len(f), 400)])):
+        got = st.apply(StageInput(frame)).decisions
+        assert got["uid"].dtype == got["ref_uid"].dtype == pl.UInt32
+        got = got.with_columns(pl.col("uid").replace_strict(back, return_dtype=pl.Utf8),
+                               pl.col("ref_uid").replace_strict(back, default=None, return_dtype=pl.Utf8))
+        assert got.equals(want.decisions)
+
+
+def test_caption_quality_needs_columns():
+    assert get_stage("caption_quality")().needs_columns() == ["caption", "lang", "lang_conf"]
+    assert get_stage("caption_quality")(lid_model="m.bin").needs_columns() == ["caption"]
+    assert get_stage("caption_length")(column="alt").needs_columns() == ["alt"]

@@ -143,3 +143,36 @@ def test_dry_run_records_nothing_and_bad_overrides_fail(dc):
     for args in (["--set", "nosuch.x=1"], ["--set", "basic.nosuch=1"], ["--budget", "10"]):
         proc = run_cli("prune", "-w", ws, "-p", "datacomp_basic", *args, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_failed_and_killed_runs_leave_no_decisions(dc, tmp_path):
+    """Decisions are committed stage by stage: a run that fails after its first stage deletes what
+    it recorded, and one whose process was killed (left `running`) is cleaned by the next prune."""
+    pool, ws, df = dc
+    recipe = tmp_path / "fails.toml"
+    recipe.write_text('name = "fails"\n[[stages]]\nstage = "basic"\n'
+                      '[[stages]]\nstage = "semdedup"\nscorer = "no-such-scorer"\n')
+    proc = run_cli("prune", "-w", ws, "-p", recipe, check=False)
+    assert proc.returncode != 0 and "no-such-scorer" in proc.stderr, proc.stderr
+    con = duckdb.connect(str(ws / "manifest.duckdb"))
+    try:
+        failed, status = con.execute("SELECT run_id, status FROM runs ORDER BY run_id DESC LIMIT 1").fetchall()[0]
+        assert status == "failed"
+        assert con.execute("SELECT count(*) FROM decisions WHERE run_id = ?", [failed]).fetchall()[0][0] == 0
+        assert con.execute("SELECT count(*) FROM stage_stats WHERE run_id = ?", [failed]).fetchall()[0][0] == 0
+        # A killed run: status still 'running', some decisions already committed.
+        dead = failed + 1000
+        con.execute("INSERT INTO runs (run_id, command, status) VALUES (?, 'prune', 'running')", [dead])
+        con.execute("INSERT INTO decisions (run_id, stage_idx, stage, uid, keep) "
+                    "SELECT ?, 0, 'basic', uid, true FROM samples LIMIT 50", [dead])
+    finally:
+        con.close()
+    out = run_json("prune", "-w", ws, "-p", "datacomp_basic")
+    con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT status FROM runs WHERE run_id = ?", [dead]).fetchall()[0][0] == "interrupted"
+        assert con.execute("SELECT count(*) FROM decisions WHERE run_id = ?", [dead]).fetchall()[0][0] == 0
+        n = con.execute("SELECT count(*) FROM decisions WHERE run_id = ?", [out["run_id"]]).fetchall()[0][0]
+        assert n == len(df)
+    finally:
+        con.close()

@@ -4,11 +4,9 @@ outputs identical to an uninterrupted run without recomputing finished shards.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

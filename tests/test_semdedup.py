@@ -393,6 +393,122 @@ def test_exact_dedup_vectorised_on_a_big_frame():
     assert elapsed < 20
 
 
+def planted_dedup_frame(n=4000, seed=0):
+    """Samples with planted exact duplicates: repeated uids, sha256 values in other cases, URL
+    variants (tracking parameters, host/scheme case, default ports, trailing slashes, fragments),
+    and null or empty keys; in shuffled (shard_id, row_idx) order, with score and size ties."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, n // 3, n)
+    variant = rng.integers(0, 8, n)
+    host = [f"img{b % 97}.Example.com" for b in base]
+    forms = [
+        "http://{h}/p/{b}.jpg?id={b}",
+        "HTTP://{H}:80/p/{b}.jpg?utm_source=x&id={b}#top",
+        "http://{h}/p/{b}.jpg/?id={b}&fbclid=zz",
+        "http://{h}/p/{b}.jpg?&id={b}&",
+        "  http://{h}:80/p/{b}.jpg?gclid=1&id={b}  ",
+        "https://{h}:443/q/{b}?UTM_Medium=a",
+        "https://{H}/q/{b}/",
+        "http://{h}:8080/p/{b}.jpg?id={b}",  # another port: another URL
+    ]
+    url = [forms[v].format(h=h.lower(), H=h.upper(), b=b) for v, h, b in zip(variant, host, base)]
+    sha = [(f"{b * 7919:064x}".upper() if v % 3 == 0 else f"{b * 7919:064x}") for v, b in zip(variant, base // 2)]
+    caption = [f"caption {b % 5}" if v % 2 else None for v, b in zip(variant, base)]
+    uid = [f"{rng.integers(0, 2**62):032x}" for _ in range(n)]
+    for i in rng.choice(n, n // 50, replace=False):  # repeated uids
+        uid[i] = uid[int(rng.integers(0, n))]
+    hole = rng.random((2, n))
+    for i in np.flatnonzero(hole[0] < 0.04):
+        url[i] = None if i % 2 else ""
+    for i in np.flatnonzero(hole[1] < 0.04):
+        sha[i] = None if i % 2 else " "
+    return pl.DataFrame({
+        "uid": uid, "shard_id": rng.integers(0, 5, n).astype(np.int32), "row_idx": rng.permutation(n).astype(np.int32),
+        "url": url, "sha256": sha, "caption": caption,
+        "width": rng.integers(1, 4, n) * 100, "height": rng.integers(1, 4, n) * 100,
+        "image_bytes": rng.integers(0, 3, n) * 1000,
+        "score__m": np.where(hole[0] > 0.9, np.nan, rng.integers(0, 4, n) / 4),
+    })
+
+
+def uid_ranks_frame(f):
+    """f with uid replaced by UInt32 ranks in sorted uid order (what the runner passes), and the rank -> uid map."""
+    ranked = f.with_columns(pl.col("uid").rank("dense").cast(pl.UInt32) - 1)
+    names = pl.DataFrame({"rank": ranked["uid"], "name": f["uid"]}).unique("rank")
+    return ranked, names
+
+
+def ranks_to_strings(dec, names):
+    back = dict(zip(names["rank"].to_list(), names["name"].to_list()))
+    return dec.with_columns(pl.col("uid").replace_strict(back, return_dtype=pl.Utf8),
+                            pl.col("ref_uid").replace_strict(back, default=None, return_dtype=pl.Utf8))
+
+
+EXACT_CONFIGS = [dict(keys=["uid", "sha256", "url"]), dict(keys=["url"], policy="highest_score", score="m"),
+                 dict(keys=["sha256_caption", "uid", "url"], policy="largest_image"),
+                 dict(keys=["sha256", "uid"], policy="highest_score", score="m")]
+
+
+@pytest.mark.parametrize("cfg", EXACT_CONFIGS)
+def test_exact_dedup_condensed_batches_equal_raw(cfg):
+    f = planted_dedup_frame()
+    st = get_stage("exact_dedup")(**cfg)
+    want = st.apply(StageInput(f))
+    assert (~want.decisions["keep"]).sum() > 0
+    # A row's hashes do not depend on its batch.
+    assert pl.concat([st.condense(f.slice(i, 1)) for i in range(60)]).equals(st.condense(f.head(60)))
+    for size in (97, 1000, len(f)):
+        parts = [st.condense(f.slice(s, size)) for s in range(0, len(f), size)]
+        for p in parts[:3]:
+            assert [c for c, t in p.schema.items() if t == pl.Utf8] == ["uid"]
+            assert not {"url", "sha256", "caption"} & set(p.columns)
+        got = st.apply(StageInput(pl.concat(parts)))
+        assert got.decisions.equals(want.decisions), size
+        assert got.stats == want.stats
+
+
+@pytest.mark.parametrize("cfg", EXACT_CONFIGS)
+def test_exact_dedup_uid_ranks_equal_uid_strings(cfg):
+    f = planted_dedup_frame(seed=1)
+    ranked, names = uid_ranks_frame(f)
+    st = get_stage("exact_dedup")(**cfg)
+    want = st.apply(StageInput(f)).decisions
+    for frame in (ranked, pl.concat([st.condense(ranked.slice(s, 700)) for s in range(0, len(f), 700)])):
+        if frame is not ranked:
+            assert not [c for c, t in frame.schema.items() if t == pl.Utf8]
+        got = st.apply(StageInput(frame)).decisions
+        assert got["uid"].dtype == got["ref_uid"].dtype == pl.UInt32
+        assert ranks_to_strings(got, names).equals(want)
+
+
+def test_exact_dedup_finds_planted_url_and_sha_variants():
+    f = planted_dedup_frame(seed=2).with_columns(
+        url_key=pl.col("url").str.strip_chars().str.to_lowercase().str.replace(r"^https?://", "")
+        .str.replace(r":(80|443)/", "/").str.replace(r"[?#].*$", "").str.replace(r"/+$", ""),
+        port=pl.col("url").str.contains(":8080"),
+        sha_key=pl.col("sha256").str.strip_chars().str.to_lowercase())
+    # every form but the :8080 one of one image normalises to the same URL (the id parameter is kept)
+    st = get_stage("exact_dedup")(keys=["url"])
+    kept = f.filter(st.apply(StageInput(f)).decisions["keep"])
+    have_url = pl.col("url").str.strip_chars().fill_null("") != ""
+    assert kept.filter(have_url).group_by("url_key", "port").len()["len"].max() == 1
+    assert kept.filter(have_url).height == f.filter(have_url).select("url_key", "port").n_unique()
+    assert kept.filter(~have_url).height == f.filter(~have_url).height  # null/empty never match
+    st = get_stage("exact_dedup")(keys=["sha256"])
+    kept = f.filter(st.apply(StageInput(f)).decisions["keep"])
+    have_sha = pl.col("sha_key").fill_null("") != ""
+    assert kept.filter(have_sha)["sha_key"].is_unique().all()
+    assert kept.filter(~have_sha).height == f.filter(~have_sha).height
+
+
+def test_exact_dedup_needs_columns():
+    assert get_stage("exact_dedup")(keys=["uid"]).needs_columns() == []
+    assert get_stage("exact_dedup")().needs_columns() == ["sha256", "url"]
+    assert get_stage("exact_dedup")(keys=["sha256_caption", "url"], policy="largest_image").needs_columns() == [
+        "sha256", "caption", "url", "width", "height", "image_bytes"]
+    assert get_stage("exact_dedup")(keys=["url"], policy="highest_score", score="m").needs_columns() == ["url"]
+
+
 # --------------------------------------------------------------------------------------------- decontaminate
 
 def test_decontaminate_drops_eval_near_copies(tmp_path):

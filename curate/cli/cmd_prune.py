@@ -47,9 +47,17 @@ def prune(
                 summary = run_pipeline(ws, m, recipe, 0, budget=budget, record=False)
                 run_id = None
             else:
+                m.clear_unfinished("prune")
+                # Decisions are committed stage by stage (one transaction for a 10M-sample run
+                # would hold all of them in memory); the run is 'ok' only once all are in, and
+                # readers only take 'ok' runs. A failed or interrupted run's decisions are
+                # deleted here, or by the next prune when the process was killed.
                 with m.run("prune", params, seed=recipe.seed) as rec:
-                    with m.transaction():
+                    try:
                         summary = run_pipeline(ws, m, recipe, rec.run_id, budget=budget)
+                    except BaseException:
+                        m.discard_decisions(rec.run_id)
+                        raise
                     rec.summary = summary
                 run_id = rec.run_id
     finally:

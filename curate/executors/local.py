@@ -1,10 +1,11 @@
 """The local executor: feeds a recipe's stages from the manifest and records their decisions.
 
-Row-scope stages get the surviving samples in partitions (bounded memory); global stages get
-them all at once. After each stage: its decisions go to `decisions` (one row per sample it
-saw), its funnel line to `stage_stats`, its artefacts to `runs/<run_id>/`; the next stage sees
-only what it kept. The whole run is one transaction: an interrupted prune leaves nothing
-half-recorded.
+The pool is held as a compact spine (`PoolSource`: uid ranks, shard/row positions, scores), and
+each stage gets only the columns it names, read from the manifest for its input rows. Row-scope
+stages get their input a batch at a time; global stages get it in one frame (condensed batch by
+batch). After each stage: its decisions go to `decisions` (one row per sample it saw), its
+funnel line to `stage_stats`, its artefacts to `runs/<run_id>/`; the next stage sees only what it
+kept. The whole run is one transaction: an interrupted prune leaves nothing half-recorded.
 """
 
 from __future__ import annotations
@@ -103,56 +104,178 @@ def build_stages(recipe: Recipe) -> list[tuple[str, Stage]]:
     return out
 
 
-def load_pool(manifest, scorers: list[str]) -> pl.DataFrame:
-    """Every usable sample with its columns and one `score__<scorer>` column per scorer, in
-    (shard_id, row_idx) order.
+SAMPLE_COLUMNS = ("key", "url", "caption", "width", "height", "sha256", "source", "image_ext", "image_bytes")
+ALWAYS = ("uid", "shard_id", "row_idx")
+STREAM_BATCH = 262_144
+WRITE_CHUNK = 1_000_000
 
-    The table scan keeps insertion order, which is already (shard_id, row_idx) for ingested pools,
-    so the sort (and the joins below) are only paid when they change something: decode errors
-    are joined only when there are any, and a scorer's scores are attached as a column when they
-    were stored in the same uid order as the samples (as `curate ingest` and `curate score` write
-    them), joined by uid otherwise.
+
+class PoolSource:
+    """The run's pool: a compact spine in memory, sample columns streamed from the manifest.
+
+    The spine holds, per usable sample in (shard_id, row_idx) order (its *position*): the rank of
+    its uid in sorted uid order (the `uid` stages see: 4 bytes, orders like the strings), its
+    row id in the samples table, shard_id, row_idx, the scores the recipe needs, and whether its
+    image decoded: about 25 bytes a sample plus 8 per score. The uid strings stay in DuckDB;
+    decisions get them back by a join on the row id when they are written. A stage's other
+    columns (`caption`, `url`, ...) are read for its input rows only, in batches, and condensed
+    batch by batch for global stages; so what the runner holds does not grow with caption or
+    URL length.
     """
-    frame = manifest.frame(
-        "SELECT uid, shard_id, row_idx, key, url, caption, width, height, sha256, source, image_ext, image_bytes, "
-        "NULL::VARCHAR AS decode_error FROM samples WHERE status = 'ok'")
-    order = pl.col("shard_id").cast(pl.Int64) * (1 << 32) + pl.col("row_idx").cast(pl.Int64)
-    key = frame.select(order).to_series()
-    if not key.is_sorted():
-        frame = frame.sort(["shard_id", "row_idx"], maintain_order=True)
-    issues = manifest.frame("SELECT uid, any_value(detail) AS detail FROM sample_issues "
-                            "WHERE action = 'unscored' AND reason = 'undecodable' GROUP BY uid")
-    if issues.height:
-        frame = (frame.drop("decode_error").join(issues.rename({"detail": "decode_error"}), on="uid", how="left",
-                                                  maintain_order="left").select(frame.columns))
-    for sc in scorers:
-        col = manifest.frame("SELECT uid, score FROM scores WHERE scorer = ?", [sc])
-        if col.height == 0:
-            have = [r[0] for r in manifest.execute("SELECT DISTINCT scorer FROM scores ORDER BY 1").fetchall()]
+
+    def __init__(self, manifest, scorers: list[str]):
+        self.m = manifest
+        spine = manifest.con.sql(
+            "SELECT rowid AS rid, (row_number() OVER (ORDER BY uid, rowid) - 1)::UINTEGER AS rank, "
+            "shard_id::INTEGER AS shard_id, row_idx::INTEGER AS row_idx FROM samples WHERE status = 'ok' "
+            "ORDER BY shard_id, row_idx, rid").to_arrow_table()
+        self.n = spine.num_rows
+        rid = spine.column("rid").to_numpy()
+        self.rid = rid.astype(np.int32) if self.n and rid.max() < 2**31 - 1 else rid
+        self.rank = spine.column("rank").to_numpy()
+        self.shard_id = spine.column("shard_id").to_numpy()
+        self.row_idx = spine.column("row_idx").to_numpy()
+        del spine, rid
+        self.pos_of_rid = np.full(int(self.rid.max()) + 1 if self.n else 0, -1, dtype=np.int32)
+        self.pos_of_rid[self.rid] = np.arange(self.n, dtype=np.int32)
+        self._pos_of_rank: np.ndarray | None = None
+        cnt, x, sm = manifest.one("SELECT count(*), bit_xor(hash(uid)), sum(hash(uid)::HUGEINT) FROM samples "
+                                  "WHERE status = 'ok'")
+        self.pool_key = f"{cnt}:{x}:{sm}"
+        self.scores = {sc: self._scores(sc) for sc in scorers}
+        err = manifest.con.sql(
+            "SELECT s.rowid AS rid, any_value(i.detail) AS detail FROM sample_issues i JOIN samples s ON s.uid = i.uid "
+            "WHERE s.status = 'ok' AND i.action = 'unscored' AND i.reason = 'undecodable' GROUP BY s.rowid"
+        ).to_arrow_table()
+        epos = self.pos_of_rid[err.column("rid").to_numpy()] if err.num_rows else np.empty(0, np.int32)
+        order = np.argsort(epos, kind="stable")
+        self.err_pos = epos[order]
+        self.err_detail = pl.Series("decode_error", err.column("detail").to_pylist(), dtype=pl.Utf8).gather(order) \
+            if err.num_rows else pl.Series("decode_error", [], dtype=pl.Utf8)
+        self.decodable = np.ones(self.n, dtype=bool)
+        self.decodable[self.err_pos] = False
+
+    def _scores(self, sc: str) -> pl.Series:
+        if not self.m.scalar("SELECT count(*) FROM scores WHERE scorer = ?", [sc]):
+            have = [r[0] for r in self.m.execute("SELECT DISTINCT scorer FROM scores ORDER BY 1").fetchall()]
             raise UsageError(f"no scores of scorer {sc!r} in this workspace (have: {', '.join(have) or 'none'}); "
                              f"run `curate score` or change the recipe's scorer")
+        t = self.m.con.sql("SELECT p.rowid AS rid, s.score FROM scores s JOIN samples p ON p.uid = s.uid "
+                           "WHERE s.scorer = ? AND p.status = 'ok'", params=[sc]).to_arrow_table()
+        vals = np.zeros(self.n, dtype=np.float64)
+        has = np.zeros(self.n, dtype=bool)
+        pos = self.pos_of_rid[t.column("rid").to_numpy()]
+        score = t.column("score")
+        vals[pos] = score.to_numpy(zero_copy_only=False)
+        has[pos] = score.is_valid().to_numpy(zero_copy_only=False)
         name = f"score__{sc}"
-        if col.height == frame.height and col["uid"].equals(frame["uid"]):
-            frame = frame.with_columns(col["score"].alias(name))
-        else:
-            frame = frame.join(col.rename({"score": name}), on="uid", how="left", maintain_order="left")
+        if has.all():
+            return pl.Series(name, vals)
+        return pl.select(pl.when(pl.Series(has)).then(pl.Series(vals)).alias(name)).to_series()
+
+    @property
+    def pos_of_rank(self) -> np.ndarray:
+        if self._pos_of_rank is None:
+            self._pos_of_rank = np.empty(self.n, dtype=np.int32)
+            self._pos_of_rank[self.rank] = np.arange(self.n, dtype=np.int32)
+        return self._pos_of_rank
+
+    def decode_error(self, pos: np.ndarray) -> pl.Series:
+        if not len(self.err_pos):
+            return pl.repeat(None, len(pos), dtype=pl.Utf8, eager=True).alias("decode_error")
+        i = np.minimum(np.searchsorted(self.err_pos, pos), len(self.err_pos) - 1)
+        hit = self.err_pos[i] == pos
+        return self.err_detail.gather(pl.select(pl.when(pl.Series(hit)).then(pl.Series(i))).to_series())
+
+    def base(self, pos: np.ndarray, scorers=(), decode_error: bool = False) -> pl.DataFrame:
+        """uid (rank), shard_id, row_idx, the given scores (and decode_error) of these positions."""
+        cols = [pl.Series("uid", self.rank[pos]), pl.Series("shard_id", self.shard_id[pos]),
+                pl.Series("row_idx", self.row_idx[pos])]
+        cols += [self.scores[sc].gather(pos) for sc in scorers]
+        if decode_error:
+            cols.append(self.decode_error(pos))
+        return pl.DataFrame(cols)
+
+    def stream(self, wanted: np.ndarray, columns: list[str]):
+        """(positions, frame of `columns`) for the wanted positions (a boolean mask over the pool),
+        a batch at a time, in the manifest's storage order."""
+        cur = self.m.con.cursor()  # its own connection: the run's transaction stays free for writes
+        try:
+            sel = ", ".join(f'"{c}"' for c in columns)
+            reader = cur.sql(f"SELECT rowid AS _rid, {sel} FROM samples WHERE status = 'ok'").to_arrow_reader(STREAM_BATCH)
+            for rb in reader:
+                rid = rb.column(0).to_numpy()
+                if len(rid) and int(rid.max()) >= len(self.pos_of_rid):
+                    raise CurateError("the samples table changed during the run")
+                pos = self.pos_of_rid[rid]
+                take = wanted[pos]
+                if not take.any():
+                    continue
+                b = pl.from_arrow(rb).drop("_rid")
+                yield pos[take], b.filter(pl.Series(take))
+        finally:
+            cur.close()
+
+
+def stage_columns(stage: Stage) -> tuple[list[str], bool]:
+    """(sample columns to stream, whether decode_error is wanted) for a stage."""
+    want = stage.needs_columns()
+    if want is None:
+        return list(SAMPLE_COLUMNS), True
+    return [c for c in SAMPLE_COLUMNS if c in want], "decode_error" in want
+
+
+def stage_frame(src: PoolSource, stage: Stage, pos: np.ndarray, *, condense: bool = True) -> pl.DataFrame:
+    """The stage's input for these positions (sorted), with the columns it needs, in position order.
+    Long columns are streamed and, when `condense`, passed through `stage.condense` per batch."""
+    cols, err = stage_columns(stage)
+    scorers = stage.needs_scores()
+    if not cols:
+        return src.base(pos, scorers, err)
+    wanted = np.zeros(src.n, dtype=bool)
+    wanted[pos] = True
+    parts, where = [], []
+    for bpos, batch in src.stream(wanted, cols):
+        b = pl.concat([src.base(bpos, scorers, err), batch], how="horizontal")
+        parts.append(stage.condense(b) if condense else b)
+        where.append(bpos)
+    if not parts:  # no rows: the columns with their manifest types
+        sel = ", ".join(f'"{c}"' for c in cols)
+        empty = pl.concat([src.base(pos, scorers, err),
+                           pl.from_arrow(src.m.con.sql(f"SELECT {sel} FROM samples LIMIT 0").to_arrow_table())],
+                          how="horizontal")
+        return stage.condense(empty) if condense else empty
+    frame = pl.concat(parts, how="vertical_relaxed")
+    at = np.concatenate(where)
+    if len(at) > 1 and not (np.diff(at) > 0).all():
+        frame = frame[np.argsort(at, kind="stable")]
     return frame
 
 
-def _check_decisions(sid: str, alive: pl.DataFrame, dec: pl.DataFrame) -> pl.DataFrame:
+def _check_decisions(sid: str, inp_uid: pl.Series, dec: pl.DataFrame) -> tuple[pl.DataFrame, bool]:
+    """Decisions in the runner's column types; and whether they are aligned row by row with the input."""
     missing = [c for c in ("uid", "keep") if c not in dec.columns]
     if missing:
         raise CurateError(f"stage {sid} returned decisions without {missing}")
+    if dec["uid"].dtype != inp_uid.dtype:
+        raise CurateError(f"stage {sid} returned uids of type {dec['uid'].dtype}, was given {inp_uid.dtype}")
+    cols = []
     for c, t in DECISION_COLUMNS.items():
-        dec = dec.with_columns(pl.col(c).cast(t)) if c in dec.columns else dec.with_columns(pl.lit(None, t).alias(c))
-    dec = dec.select(list(DECISION_COLUMNS))
-    if dec.height == alive.height and dec["uid"].equals(alive["uid"]):
-        return dec  # aligned with the input (uids in `alive` are unique): nothing more to check
-    if dec.height != alive.height or dec["uid"].n_unique() != dec.height:
-        raise CurateError(f"stage {sid} returned {dec.height} decisions for {alive.height} samples")
-    if dec.join(alive.select("uid"), on="uid", how="anti").height:
+        t = t or inp_uid.dtype
+        if c not in dec.columns:
+            cols.append(pl.lit(None, t).alias(c))
+        elif c == "ref_uid" and dec[c].dtype in (inp_uid.dtype, pl.Utf8):
+            cols.append(pl.col(c))
+        else:
+            cols.append(pl.col(c).cast(t))
+    dec = dec.select(cols)
+    if dec.height == len(inp_uid) and dec["uid"].equals(inp_uid):
+        return dec, True  # aligned with the input (uids in the input are unique): nothing more to check
+    if dec.height != len(inp_uid) or dec["uid"].n_unique() != dec.height:
+        raise CurateError(f"stage {sid} returned {dec.height} decisions for {len(inp_uid)} samples")
+    if dec.join(inp_uid.to_frame(), on="uid", how="anti").height:
         raise CurateError(f"stage {sid} returned decisions for samples it was not given")
-    return dec
+    return dec, False
 
 
 def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, record: bool = True) -> dict:
@@ -163,12 +286,22 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
     if len(budget_stages) > 1:
         raise UsageError(f"recipe {recipe.name} has several budget stages: {budget_stages}")
     scorers = sorted({s for _, st in stages for s in st.needs_scores()})
-    alive = load_pool(manifest, scorers)
-    pool = alive
-    clustering_pool = _Pool(pool)
-    n_pool = alive.height
-    if n_pool == 0:
+    src = load_pool(manifest, scorers)
+    return _run(ws, manifest, recipe, run_id, stages, src, budget, record)
+
+
+def load_pool(manifest, scorers: list[str]) -> PoolSource:
+    src = PoolSource(manifest, scorers)
+    if src.n == 0:
         raise UsageError("the workspace has no usable samples; ingest a pool first")
+    return src
+
+
+def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, budget, record: bool) -> dict:
+    n_pool = src.n
+    alive = np.ones(n_pool, dtype=bool)
+    n_alive = n_pool
+    clustering_pool = _Pool(src)
     cache = ArrayCache(ws.root / "cache")
     run_dir = ws.run_dir(run_id) if record else None
     outcomes: list[StageOutcome] = []
@@ -176,91 +309,195 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
     with console.progress() as bar:
         task = bar.add_task("prune", total=len(stages))
         for idx, (sid, stage) in enumerate(stages):
-            bar.update(task, description=f"{sid} ({alive.height:,} in)")
+            bar.update(task, description=f"{sid} ({n_alive:,} in)")
             t0 = time.perf_counter()
             b = None
             if stage.uses_budget:
                 # --budget wins over the recipe's own `budget` parameter.
-                b = resolve_budget(budget if budget is not None else stage.params().get("budget"), alive.height)
+                b = resolve_budget(budget if budget is not None else stage.params().get("budget"), n_alive)
                 if b is None:
                     raise UsageError(f"stage {sid} needs a budget: pass --budget N or 0.F")
-                if b > alive.height:
-                    warnings.append(f"budget {b:,} exceeds the {alive.height:,} samples that reach {sid}; all are kept")
+                if b > n_alive:
+                    warnings.append(f"budget {b:,} exceeds the {n_alive:,} samples that reach {sid}; all are kept")
             over_pool = stage._apply_to == "pool"
-            dec, stats, artefacts = _apply(stage, pool if over_pool else alive, manifest, recipe.seed, b, cache,
-                                           None if over_pool else clustering_pool)
+            pos = np.flatnonzero(np.ones(n_pool, bool) if over_pool else alive)
+            run = _apply(sid, stage, src, pos, manifest, recipe.seed, b, cache,
+                         None if over_pool else clustering_pool)
+            # Decisions arrive in chunks (one per partition for row stages): each is recorded at
+            # once, so a row stage never holds the decisions of the whole pool.
+            dropped: list[np.ndarray] = []
+            reasons: dict = {}
+            n_seen = n_kept = n_kept_pool = 0
+            for dec, dec_pos in run:
+                if over_pool:
+                    n_kept_pool += int(dec["keep"].sum())
+                    here = alive[dec_pos]
+                    dec, dec_pos = dec.filter(pl.Series(here)), dec_pos[here]
+                keep = dec["keep"].to_numpy()
+                n_seen += len(keep)
+                n_kept += int(keep.sum())
+                for r, c in dec.filter(~pl.col("keep")).group_by("reason").len().iter_rows():
+                    reasons[r] = reasons.get(r, 0) + c
+                dropped.append(dec_pos[~keep])
+                if record:
+                    _record_decisions(manifest, src, run_id, idx, sid, dec, dec_pos)
+                del dec, dec_pos, keep
+            stats, artefacts = run.stats, run.artefacts
+            if n_seen != n_alive:
+                raise CurateError(f"stage {sid} returned {n_seen} decisions for {n_alive} samples")
             if over_pool:
-                full = _check_decisions(sid, pool, dec)
-                stats = {**stats, "applied_to": "pool", "kept_over_pool": int(full["keep"].sum())}
-                dec = full.join(alive.select("uid"), on="uid", how="semi", maintain_order="left")
-            dec = _check_decisions(sid, alive, dec)
+                stats = {**stats, "applied_to": "pool", "kept_over_pool": n_kept_pool}
             seconds = time.perf_counter() - t0
-            kept = dec.filter(pl.col("keep")).select("uid")
-            top = (dec.filter(~pl.col("keep")).group_by("reason").len().sort("len", descending=True).head(5)
-                   .rows())
-            out = StageOutcome(idx, sid, stage.name, alive.height, kept.height, seconds, stage.params(), stats,
-                               [{"reason": r, "n": n} for r, n in top])
+            top = sorted(reasons.items(), key=lambda kv: (-kv[1], str(kv[0])))[:5]
+            out = StageOutcome(idx, sid, stage.name, n_alive, n_kept, seconds, stage.params(), stats,
+                               [{"reason": r, "n": c} for r, c in top])
             outcomes.append(out)
             if record:
-                manifest.insert_arrow("decisions", dec.select(
-                    pl.lit(run_id, pl.Int64).alias("run_id"), pl.lit(idx, pl.Int32).alias("stage_idx"),
-                    pl.lit(sid).alias("stage"), *DECISION_COLUMNS).to_arrow())
                 manifest.execute(
                     "INSERT INTO stage_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [run_id, idx, sid, out.n_in, out.n_kept, out.n_in - out.n_kept, seconds,
                      json.dumps({"stage": stage.name, "params": stage.params(), "stats": stats}, default=str)])
                 _save_artefacts(run_dir, sid, artefacts)
-            # Stages return decisions in input order; a mask is much cheaper than a join.
-            alive = (alive.filter(dec["keep"]) if dec["uid"].equals(alive["uid"])
-                     else alive.join(kept, on="uid", how="semi", maintain_order="left"))
+            for d in dropped:
+                alive[d] = False
+            n_alive = n_kept
+            del dropped
             bar.advance(task)
     for w in warnings:
         console.warn(w)
-    return {"recipe": recipe.name, "pool": n_pool, "kept": alive.height,
-            "kept_fraction": round(alive.height / n_pool, 6) if n_pool else 0.0,
+    return {"recipe": recipe.name, "pool": n_pool, "kept": n_alive,
+            "kept_fraction": round(n_alive / n_pool, 6) if n_pool else 0.0,
             "funnel": [o.as_dict() for o in outcomes], "warnings": warnings}
 
 
-class _Pool:
-    """The run's starting pool as clustering stages see it: the samples that have embeddings,
-    and the hash of their uid set, computed once per run."""
+def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str, dec: pl.DataFrame,
+                      pos: np.ndarray) -> None:
+    """Insert a stage's decisions, turning uid ranks (and ref_uid ranks) back into uid strings
+    by a join on the samples' row ids."""
+    ref_rank = dec["ref_uid"].dtype == dec["uid"].dtype and dec["ref_uid"].null_count() < dec.height
+    ref_sql, ref_join = (("r.uid", "LEFT JOIN samples r ON r.rowid = d._ref") if ref_rank
+                         else ("d.ref_uid::VARCHAR", ""))
+    sql = ("INSERT INTO decisions (run_id, stage_idx, stage, uid, keep, reason, value, threshold, ref_uid, detail) "
+           f"SELECT {int(run_id)}, {int(idx)}, ?, p.uid, d.keep, d.reason, d.value, d.threshold, {ref_sql}, d.detail "
+           f"FROM _curate_dec d JOIN samples p ON p.rowid = d._rid {ref_join} ORDER BY d._i")
+    for start in range(0, dec.height, WRITE_CHUNK):
+        part = dec.slice(start, WRITE_CHUNK)
+        cols = [pl.Series("_rid", src.rid[pos[start:start + WRITE_CHUNK]])]
+        if ref_rank:
+            ref = part["ref_uid"]
+            has = ref.is_not_null().to_numpy()
+            r = np.full(len(ref), -1, dtype=src.rid.dtype)
+            r[has] = src.rid[src.pos_of_rank[ref.fill_null(0).to_numpy()[has]]]
+            cols.append(pl.select(pl.when(pl.Series(has)).then(pl.Series(r))).to_series().alias("_ref"))
+        table = part.drop(["uid"] + (["ref_uid"] if ref_rank else [])).with_columns(cols).with_row_index("_i").to_arrow()
+        manifest.con.register("_curate_dec", table)
+        try:
+            manifest.execute(sql, [sid])
+        finally:
+            manifest.con.unregister("_curate_dec")
 
-    def __init__(self, pool: pl.DataFrame):
-        self.frame = pool.filter(pl.col("decode_error").is_null()) if "decode_error" in pool.columns else pool
+
+class _Pool:
+    """The run's starting pool as clustering stages see it: the samples that have embeddings
+    (positions with decodable images), and the hash of their uid set, computed once per run."""
+
+    def __init__(self, src: PoolSource):
+        self.src = src
         self.fingerprint: str | None = None
 
 
-def _apply(stage: Stage, frame: pl.DataFrame, manifest, seed: int, budget, cache, pool: _Pool | None = None):
-    """Run a stage over `frame`: row stages in partitions (bounded memory), others in one call."""
-    if stage.scope == "row" and not stage.needs_embeddings() and frame.height > ROW_PARTITION:
-        parts = [stage.apply(StageInput(frame.slice(s, ROW_PARTITION), {}, seed, budget, cache)).decisions
-                 for s in range(0, frame.height, ROW_PARTITION)]
-        return pl.concat(parts), {}, {}
-    views = {(sc, kind): open_view(manifest, frame, sc, kind) for sc, kind in stage.needs_embeddings()}
-    inp = StageInput(frame, views, seed, budget, cache)
-    if pool is not None and hasattr(stage, "cluster_spec") and frame.height:
-        _share_pool_clustering(stage, inp, pool, manifest, seed, cache)
-    res = stage.apply(inp)
-    return res.decisions, res.stats, res.artefacts
+class _StageRun:
+    """Iterating gives a stage's (decisions, positions) chunks; `stats` and `artefacts` are set
+    once the iteration is over."""
+
+    def __init__(self, chunks):
+        self.stats: dict = {}
+        self.artefacts: dict = {}
+        self._chunks = chunks(self)
+
+    def __iter__(self):
+        return self._chunks
 
 
-def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, manifest, seed: int, cache) -> None:
+def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, seed: int, budget, cache,
+           pool: _Pool | None = None) -> _StageRun:
+    """Run a stage over the samples at `pos`: row stages a partition at a time (bounded memory),
+    others in one call."""
+    if stage.scope == "row" and not stage.needs_embeddings():
+        def row_chunks(run):
+            cols, err = stage_columns(stage)
+            scorers = stage.needs_scores()
+            if cols:
+                wanted = np.zeros(src.n, dtype=bool)
+                wanted[pos] = True
+                batches = ((bpos, pl.concat([src.base(bpos, scorers, err), batch], how="horizontal"))
+                           for bpos, batch in _gather(src.stream(wanted, cols), ROW_PARTITION))
+            else:
+                batches = ((pos[s:s + ROW_PARTITION], src.base(pos[s:s + ROW_PARTITION], scorers, err))
+                           for s in range(0, len(pos), ROW_PARTITION))
+            for bpos, frame in batches:
+                res = stage.apply(StageInput(frame, {}, seed, budget, cache, pool_key=src.pool_key))
+                yield _positions(sid, src, frame, bpos, res.decisions)
+        return _StageRun(row_chunks)
+
+    def global_chunks(run):
+        frame = stage_frame(src, stage, pos)
+        views = {(sc, kind): open_view(manifest, frame, sc, kind) for sc, kind in stage.needs_embeddings()}
+        inp = StageInput(frame, views, seed, budget, cache, pool_key=src.pool_key)
+        if pool is not None and hasattr(stage, "cluster_spec") and frame.height:
+            _share_pool_clustering(stage, inp, pool, pos, manifest, seed, cache)
+        res = stage.apply(inp)
+        run.stats, run.artefacts, dec = res.stats, res.artefacts, res.decisions
+        del inp, views, res
+        out = _positions(sid, src, frame, pos, dec)
+        del frame, dec
+        yield out
+    return _StageRun(global_chunks)
+
+
+def _gather(batches, rows: int):
+    """Merge streamed (positions, frame) batches into ones of at least `rows` rows (the last may be
+    smaller): row stages pay their per-call costs (worker start, distinct-caption tables) once
+    per partition, not once per read batch."""
+    pos, frames, n = [], [], 0
+    for p, f in batches:
+        pos.append(p)
+        frames.append(f)
+        n += len(p)
+        if n >= rows:
+            yield np.concatenate(pos), pl.concat(frames)
+            pos, frames, n = [], [], 0
+    if frames:
+        yield np.concatenate(pos), pl.concat(frames)
+
+
+def _positions(sid: str, src: PoolSource, frame: pl.DataFrame, pos: np.ndarray, dec: pl.DataFrame):
+    """Checked decisions and the pool position of each of their rows."""
+    dec, aligned = _check_decisions(sid, frame["uid"], dec)
+    if aligned:
+        return dec, pos
+    return dec, src.pos_of_rank[dec["uid"].to_numpy()].astype(np.int64)
+
+
+def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.ndarray, manifest, seed: int,
+                           cache) -> None:
     """Cluster the run's whole pool once (cached across runs) and hand the stage that clustering
     restricted to its input, so a new eps, budget or upstream filter never re-clusters."""
     from ..cluster import cache_clustering, clustering_for_stage
 
+    src = pool.src
     spec = stage.cluster_spec(inp)
-    base = pool.frame
-    pos = inp.frame.select("uid").join(base.select("uid").with_row_index("_pos"), on="uid", how="left",
-                                       maintain_order="left")["_pos"]
-    if pos.null_count():
-        raise UsageError(f"stage {stage.name} needs embeddings, but {pos.null_count():,} of its samples have none "
+    bad = int((~src.decodable[pos]).sum())
+    if bad:
+        raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have none "
                          f"(undecodable images); put a decode_failures stage before it")
+    base_pos = np.flatnonzero(src.decodable)
+    base = src.base(base_pos)
     views = {(sc, kind): open_view(manifest, base, sc, kind) for sc, kind in stage.needs_embeddings()}
-    pool_inp = StageInput(base, views, seed, None, cache, _fingerprint=pool.fingerprint)
+    pool_inp = StageInput(base, views, seed, None, cache, pool_key=src.pool_key, _fingerprint=pool.fingerprint)
     pc = clustering_for_stage(pool_inp, spec, need_centroids=True)
     pool.fingerprint = pool_inp.fingerprint()
-    idx = pos.to_numpy()
+    idx = np.cumsum(src.decodable, dtype=np.int64)[pos] - 1
     cache_clustering(inp, spec, pc.cluster[idx], pc.dist[idx], pc.centroids)
 
 

@@ -5,8 +5,14 @@ paper or tool they come from quoted in the module docstring); `apply(inp)` gets 
 samples as a polars DataFrame (+ embeddings through an `EmbeddingView`) and returns a
 `StageResult` whose `decisions` frame has one row per input sample:
 
-    uid (str) | keep (bool) | reason (str|null) | value (f64|null) | threshold (f64|null)
-    | ref_uid (str|null) | detail (str|null)
+    uid | keep (bool) | reason (categorical str|null) | value (f64|null) | threshold (f64|null)
+    | ref_uid (same type as uid, or str, or null) | detail (str|null)
+
+`uid` is the sample's identity as the runner hands it over, and stages treat it as an opaque,
+ordered key: they copy it into decisions and `ref_uid`, and break ties by its order. The
+local runner passes each sample's rank in the pool's sorted uid order (UInt32), which orders
+exactly like the uid strings and costs 4 bytes a sample; it writes the real uid strings into the
+manifest. Tests and other callers may pass the strings themselves.
 
 `reason` is a short stable name (`lang_not_en`, `clip_score_below`, `semantic_duplicate`);
 kept rows may carry a reason too (e.g. `kept_hard`). Stages never do I/O: the runner reads
@@ -26,27 +32,32 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 import polars as pl
 
+# The decision columns and their types; None: the type of the input's `uid` (or str for
+# ref_uid values that name something outside the pool, such as an evaluation image).
 DECISION_COLUMNS = {
-    "uid": pl.Utf8,
+    "uid": None,
     "keep": pl.Boolean,
-    "reason": pl.Utf8,
+    "reason": pl.Categorical,  # a handful of distinct names: 4 bytes a row
     "value": pl.Float64,
     "threshold": pl.Float64,
-    "ref_uid": pl.Utf8,
+    "ref_uid": None,
     "detail": pl.Utf8,
 }
 
 
 def decisions_frame(uid, keep, reason=None, value=None, threshold=None, ref_uid=None, detail=None) -> pl.DataFrame:
-    """Build a decisions frame; scalars broadcast, Series/arrays are taken as columns."""
-    uid = pl.Series("uid", uid, dtype=pl.Utf8) if not isinstance(uid, pl.Series) else uid.alias("uid").cast(pl.Utf8)
+    """Build a decisions frame; scalars broadcast, Series/arrays are taken as columns.
+
+    `uid` keeps its type (see the module docstring); so does a `ref_uid` Series, and a scalar
+    `ref_uid` (normally None) takes uid's type."""
+    uid = pl.Series("uid", uid, dtype=pl.Utf8) if not isinstance(uid, pl.Series) else uid.alias("uid")
     n = len(uid)
     cols: dict[str, Any] = {"uid": uid}
     for name, v in (("keep", keep), ("reason", reason), ("value", value), ("threshold", threshold),
                     ("ref_uid", ref_uid), ("detail", detail)):
-        dtype = DECISION_COLUMNS[name]
+        dtype = DECISION_COLUMNS[name] or uid.dtype
         if isinstance(v, pl.Series):
-            cols[name] = v.alias(name).cast(dtype)
+            cols[name] = v.alias(name) if DECISION_COLUMNS[name] is None else v.alias(name).cast(dtype)
         elif isinstance(v, (np.ndarray, list, tuple)):
             cols[name] = pl.Series(name, v).cast(dtype)
         else:  # a scalar: broadcast without building an n-element Python list
@@ -96,9 +107,11 @@ class ArrayEmbeddings(EmbeddingView):
 class StageInput:
     """What a stage sees.
 
-    frame: surviving samples. Always has `uid`; the runner adds the sample columns (`url`,
-        `caption`, `width`, `height`, `sha256`, `image_bytes`, `shard_id`, `row_idx`, ...) and
-        one float column per stored score named `score__<scorer>` (e.g. `score__datacomp-l14`).
+    frame: surviving samples. Always has `uid` (an opaque ordered key, see the module docstring),
+        `shard_id` and `row_idx`; the runner adds the sample columns the stage names in
+        `needs_columns()` (`url`, `caption`, `width`, `height`, `sha256`, `image_bytes`,
+        `decode_error`, ...; all of them when it names none) and one float column per score it
+        needs, named `score__<scorer>` (e.g. `score__datacomp-l14`).
     embeddings: (scorer, kind) -> EmbeddingView, kind 'img' | 'txt' | 'img_flip'.
     seed: the run's seed.
     budget: for budget stages, the number of samples to keep (None elsewhere).
@@ -113,6 +126,9 @@ class StageInput:
     seed: int = 0
     budget: int | None = None
     cache: Any = None
+    # What integer uids are ranks in (the runner's hash of the pool's uid strings): part of the
+    # fingerprint, so the same ranks of a different pool never share a cache entry.
+    pool_key: str | None = None
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def fingerprint(self) -> str:
@@ -122,8 +138,12 @@ class StageInput:
 
             h = hashlib.sha256()
             uids = self.frame["uid"].sort()
-            for start in range(0, len(uids), 1 << 20):
-                h.update("\n".join(uids.slice(start, 1 << 20).to_list()).encode())
+            if uids.dtype.is_integer():
+                h.update(f"ranks of {self.pool_key}\n".encode())
+                h.update(uids.cast(pl.UInt64).to_numpy().tobytes())
+            else:
+                for start in range(0, len(uids), 1 << 20):
+                    h.update("\n".join(uids.slice(start, 1 << 20).cast(pl.Utf8).to_list()).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -162,6 +182,19 @@ class Stage:
     def needs_scores(self) -> list[str]:
         """Scorer names whose `score__<scorer>` columns the runner must provide."""
         return []
+
+    def needs_columns(self) -> list[str] | None:
+        """Sample columns (`caption`, `url`, `sha256`, `width`, `decode_error`, ...) the stage reads,
+        besides `uid`, `shard_id`, `row_idx` and its scores, which it always gets. None (the
+        default) means all of them; built-in stages name theirs, so the runner loads no more."""
+        return None
+
+    def condense(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Shrink one batch of a global stage's input before the runner concatenates the batches:
+        keep `uid` and the rows in order, replace long columns by what `apply` actually needs
+        (e.g. 128-bit hashes of URLs instead of the URLs). `apply` must accept both the condensed
+        and the raw form. The default keeps the batch as it is."""
+        return frame
 
     def apply(self, inp: StageInput) -> StageResult:
         raise NotImplementedError

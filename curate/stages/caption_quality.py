@@ -45,7 +45,8 @@ import numpy as np
 import polars as pl
 
 from ..errors import UsageError
-from .base import Stage, StageInput, StageResult, decisions_frame, register_stage
+from .base import DECISION_COLUMNS, Stage, StageInput, StageResult, decisions_frame, register_stage
+from .dedup_exact import group_runs, hash128, hash_columns, lexsort_keys
 from .filters_datacomp import (Rule, at_least_words, char_count, empty_decisions, fails_above, fails_below,
                                first_failure, python_whitespace, require_columns, whitespace_class, word_count)
 from .langid import LANG, LANG_CONF, identify, map_distinct, warm_language_workers
@@ -555,6 +556,11 @@ class CaptionQuality(Stage):
         self.min_lang_conf, self.lid_model = min_lang_conf, lid_model
         self.processes = processes
 
+    def needs_columns(self) -> list[str]:
+        # The language check reuses `lang`/`lang_conf` when the frame has them (and no lid_model is set).
+        lang = "language" in self.checks and self.lid_model is None
+        return [self.column] + ([LANG, LANG_CONF] if lang else [])
+
     def params(self) -> dict:
         keep = {"checks", "column", "processes"}
         for c in self.checks:
@@ -848,7 +854,9 @@ class MaxCaptionRepeats(Stage):
     Within a group the first `max_repeats` samples are kept: highest `score__<prefer_scorer>` first
     when a scorer is given, then ascending uid. The rest are dropped with reason
     `caption_repeated`, value = group size, threshold = max_repeats, ref_uid = the group's first
-    kept sample, detail = "rank r of n". Input columns: `uid`, `caption` (+ the score column).
+    kept sample, detail = "rank r of n". Input columns: `uid`, `caption` (+ the score column), or
+    their condensed form: captions are compared through 128-bit hashes of their grouping keys
+    (see `exact_dedup` for the collision odds).
     """
 
     name = "max_caption_repeats"
@@ -866,35 +874,74 @@ class MaxCaptionRepeats(Stage):
     def needs_scores(self) -> list[str]:
         return [self.prefer_scorer] if self.prefer_scorer else []
 
-    def apply(self, inp: StageInput) -> StageResult:
-        f = inp.frame
-        cols = ["uid", self.column] + ([f"score__{self.prefer_scorer}"] if self.prefer_scorer else [])
-        require_columns(f, self.name, cols)
-        if f.height == 0:
-            return StageResult(empty_decisions())
-        key = pl.col(self.column).cast(pl.Utf8).fill_null("")
+    def needs_columns(self) -> list[str]:
+        return [self.column]
+
+    def _hashed(self) -> tuple[str, str]:
+        return hash_columns(self.column)
+
+    def _score(self) -> list[str]:
+        return [f"score__{self.prefer_scorer}"] if self.prefer_scorer else []
+
+    def condense(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """uid, the score column and a 128-bit hash (`_h_<column>_0`, `_h_<column>_1`) of the
+        grouping key (the caption, normalised when `normalize`; null counts as empty) instead of it."""
+        if all(c in frame.columns for c in ("uid",) + self._hashed()):
+            return frame.select(["uid"] + [c for c in self._score() if c in frame.columns] + list(self._hashed()))
+        require_columns(frame, self.name, ["uid", self.column])
+        key = frame[self.column].cast(pl.Utf8).fill_null("")
         if self.normalize:
             key = key.str.to_lowercase().str.replace_all(f"[{whitespace_class()}]+", " ").str.strip_chars()
-        d = f.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_r"), pl.col("uid").cast(pl.Utf8), key.alias("_k"))
-        order, desc = ["_k"], [False]
-        if self.prefer_scorer:
-            s = f[f"score__{self.prefer_scorer}"].cast(pl.Float64).fill_nan(None)
-            d = d.with_columns(_s=s)
-            order, desc = ["_k", "_s"], [False, True]
-        d = d.sort(order + ["uid"], descending=desc + [False], nulls_last=True)
-        d = d.with_columns(_rank=pl.int_range(pl.len()).over("_k"), _n=pl.len().over("_k"),
-                           _first=pl.col("uid").first().over("_k")).sort("_r")
-        keep = d["_rank"] < self.max_repeats
-        drop = ~keep
-        reason = pl.select(pl.when(drop).then(pl.lit("caption_repeated")).otherwise(pl.lit(None, pl.Utf8))).to_series()
-        detail = d.select(pl.when(drop).then(pl.format("rank {} of {}", pl.col("_rank") + 1, pl.col("_n")))
-                          .otherwise(pl.lit(None, pl.Utf8))).to_series()
-        ref = pl.select(pl.when(drop).then(d["_first"]).otherwise(pl.lit(None, pl.Utf8))).to_series()
-        value = d["_n"].cast(pl.Float64)
-        stats = {"groups_over_cap": int(d.filter(pl.col("_rank") == self.max_repeats).height),
-                 "dropped": int(drop.sum())}
-        return StageResult(decisions_frame(d["uid"], keep, reason, value, float(self.max_repeats), ref, detail),
-                           stats=stats)
+        return frame.select(["uid"] + [c for c in self._score() if c in frame.columns]).with_columns(
+            hash128(key, self._hashed()))
+
+    def apply(self, inp: StageInput) -> StageResult:
+        f = self.condense(inp.frame)
+        require_columns(f, self.name, ["uid"] + self._score())
+        if f.height == 0:
+            return StageResult(decisions_frame(f["uid"], pl.Series("keep", [], dtype=pl.Boolean)))
+        n = f.height
+        perm, start = group_runs([f[c].to_numpy() for c in self._hashed()])
+        group = np.cumsum(start) - 1
+        sizes = np.diff(np.append(np.flatnonzero(start), n))[group]
+        size = np.empty(n, dtype=np.float64)
+        size[perm] = sizes
+        # Only captions with more than max_repeats samples need an order: best score first (nulls
+        # last), then ascending uid, then input order.
+        capped = np.zeros(n, dtype=bool)
+        capped[perm[sizes > self.max_repeats]] = True
+        rows = np.flatnonzero(capped)  # ascending: the sorts below are stable, so input order breaks ties
+        gid = np.empty(n, dtype=np.int64)
+        gid[perm] = group
+        group = gid[rows]
+        uid = f["uid"]
+        u = uid.gather(rows)
+        if not self.prefer_scorer and u.dtype in (pl.UInt8, pl.UInt16, pl.UInt32) and not u.null_count():
+            order = np.argsort((group << 32) | u.to_numpy().astype(np.int64), kind="stable")  # one key: faster
+        else:
+            keys = lexsort_keys(u)
+            if self.prefer_scorer:
+                keys += lexsort_keys(f[self._score()[0]].gather(rows).cast(pl.Float64).fill_nan(None), descending=True)
+            order = np.lexsort(keys + [group])
+        rows, group = rows[order], group[order]
+        new = np.ones(len(rows), dtype=bool)
+        new[1:] = group[1:] != group[:-1]
+        firsts = np.flatnonzero(new)
+        at = np.cumsum(new) - 1
+        rank = np.arange(len(rows)) - firsts[at]
+        over = rank >= self.max_repeats
+        dropped = rows[over]
+        keep = np.ones(n, dtype=bool)
+        keep[dropped] = False
+        reason = pl.select(pl.when(pl.lit(pl.Series(keep))).then(None)
+                           .otherwise(pl.lit("caption_repeated", DECISION_COLUMNS["reason"]))).to_series()
+        detail = pl.repeat(None, n, dtype=pl.Utf8, eager=True).scatter(dropped, pl.select(pl.format(
+            "rank {} of {}", pl.lit(pl.Series(rank[over] + 1)), pl.lit(pl.Series(size[dropped].astype(np.int64))))
+        ).to_series())
+        ref = uid.clear(n).scatter(dropped, uid.gather(rows[firsts[at[over]]])).alias("ref_uid")
+        stats = {"groups_over_cap": len(firsts), "dropped": len(dropped)}
+        return StageResult(decisions_frame(uid, pl.Series(keep), reason, pl.Series(size), float(self.max_repeats), ref,
+                                           detail), stats=stats)
 
 
 __all__ = ["CHECKS", "CaptionQuality", "MaxCaptionRepeats", "longest_char_run", "mojibake_pattern"]

@@ -119,6 +119,9 @@ class ClassifierHead(Stage):
     name = "classifier_head"
     scope = "row"
 
+    def needs_columns(self):
+        return []
+
     def __init__(self, weights: str, layers: Sequence[int], threshold: float, direction: str = "keep_above",
                  activation: str | Sequence[str] = "none", sigmoid: bool = False, label: str = "head",
                  scorer: str = "datacomp-l14", kind: str = "img", normalize: bool = True, chunk: int = 65_536):

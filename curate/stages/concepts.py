@@ -101,6 +101,9 @@ class TextConcepts(Stage):
     name = "text_concepts"
     scope = "row"
 
+    def needs_columns(self):
+        return [self.column]
+
     def __init__(self, concepts: str | None = None, column: str = "caption", plurals: bool = True,
                  min_matches: int = 1):
         lines, source = _read_concept_lines(concepts)
@@ -173,6 +176,9 @@ class ImageConcepts(Stage):
 
     name = "image_concepts"
     scope = "global"
+
+    def needs_columns(self):
+        return []
 
     def __init__(self, anchors: str | np.ndarray, scorer: str = "datacomp-l14", k: int = 100_000,
                  niter: int = 20, points_per_centroid: int = 256, seed: int | None = None,

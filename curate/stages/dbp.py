@@ -242,7 +242,7 @@ def _decisions(uids: pl.Series, keep: np.ndarray, reason: str, value=None, thres
 
     return decisions_frame(uids, pl.Series(keep), reason=pl.select(pl.when(drop).then(pl.lit(reason))).to_series(),
                            value=col(value, pl.Float64), threshold=col(threshold, pl.Float64),
-                           ref_uid=const_column(None, n, pl.Utf8), detail=col(detail, pl.Utf8))
+                           ref_uid=None, detail=col(detail, pl.Utf8))
 
 
 def _budget(inp: StageInput, stage: Stage) -> int:
@@ -264,6 +264,9 @@ class _ClusteredBudgetStage(Stage):
     scope = "global"
     uses_budget = True
 
+    def needs_columns(self):
+        return []
+
     def _init_clustering(self, scorer, kind, k, niter, seed, sample_size, device, budget):
         if int(k) < 1:
             raise UsageError(f"{self.name}: k must be >= 1")
@@ -283,7 +286,7 @@ class _ClusteredBudgetStage(Stage):
     def _begin(self, inp: StageInput):
         """(budget, uids, seed, result-if-empty) for this input."""
         budget = _budget(inp, self)
-        uids = inp.frame["uid"].cast(pl.Utf8)
+        uids = inp.frame["uid"]
         seed = int(self.seed if self.seed is not None else inp.seed)
         empty = (StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
                  if len(uids) == 0 else None)
@@ -443,12 +446,15 @@ class RandomSubset(Stage):
     scope = "global"
     uses_budget = True
 
+    def needs_columns(self):
+        return []
+
     def __init__(self, seed: int | None = None, budget: int | float | None = None):
         self.seed, self.budget = seed, budget
 
     def apply(self, inp: StageInput) -> StageResult:
         budget = _budget(inp, self)
-        uids = inp.frame["uid"].cast(pl.Utf8)
+        uids = inp.frame["uid"]
         n = len(uids)
         seed = int(self.seed if self.seed is not None else inp.seed)
         tb = uid_ranks(uids)

@@ -33,6 +33,9 @@ class Decontaminate(Stage):
     name = "decontaminate"
     scope = "row"  # each sample is decided from its own embedding: any partition works
 
+    def needs_columns(self):
+        return []
+
     def __init__(self, eval_embeddings: str, scorer: str = "datacomp-l14", kind: str = "img",
                  threshold: float = 0.95, device: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS):
         path = Path(eval_embeddings).expanduser()
@@ -57,7 +60,7 @@ class Decontaminate(Stage):
         return [(self.scorer, self.kind)]
 
     def apply(self, inp: StageInput) -> StageResult:
-        uids = inp.frame["uid"].cast(pl.Utf8)
+        uids = inp.frame["uid"]
         n = len(uids)
         best = np.full(n, np.nan, dtype=np.float32)
         row = np.full(n, -1, dtype=np.int64)
@@ -76,7 +79,7 @@ class Decontaminate(Stage):
         dec = decisions_frame(uids, pl.Series(~drop),
                               reason=pl.select(pl.when(pl.Series(drop)).then(pl.lit(REASON))).to_series(),
                               value=pl.Series(best, dtype=pl.Float64).fill_nan(None),
-                              threshold=const_column(self.threshold, n, pl.Float64), ref_uid=const_column(None, n, pl.Utf8),
+                              threshold=const_column(self.threshold, n, pl.Float64), ref_uid=None,
                               detail=detail)
         stats = {"n_in": n, "n_kept": int((~drop).sum()), "eval_rows": self.eval_rows, "threshold": self.threshold}
         return StageResult(dec, {}, stats)

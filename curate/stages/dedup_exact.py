@@ -22,6 +22,12 @@ Which copy of a group stays (`policy`):
 A null or empty key never matches anything. Dropped rows get reason `duplicate_<key>`
 (`duplicate_uid`, `duplicate_sha256`, `duplicate_url`, `duplicate_sha256_caption`), ref_uid =
 the copy that stayed for that key, value = the size of the group.
+
+`uid` is compared as it is (an opaque ordered key: strings, or the runner's UInt32 ranks). The
+other keys are compared through 128-bit hashes of their normalised values (two 64-bit polars
+hashes with different seeds), which `condense` computes batch by batch, so the URLs and captions
+of a whole pool are never held at once; two distinct values among n collide with odds about
+n²/2^129 (~1e-25 at 10M rows), which is negligible.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import UsageError
-from .base import Stage, StageInput, StageResult, decisions_frame, register_stage
+from .base import DECISION_COLUMNS, Stage, StageInput, StageResult, decisions_frame, register_stage
 
 KEYS = ("uid", "sha256", "url", "sha256_caption")
 POLICIES = ("first", "highest_score", "largest_image")
@@ -46,47 +52,134 @@ TRACKING_PARAMS = (
 _URL_PARTS = r"^(?:([A-Za-z][A-Za-z0-9+.\-]*):)?(?://([^/?#]*))?([^?#]*)(?:\?([^#]*))?"
 
 
-def normalise_url_expr(url: pl.Expr, tracking: Sequence[str] = TRACKING_PARAMS) -> pl.Expr:
-    """Polars expression for the normalised URL (see module docstring); null for null/empty."""
-    u = url.str.strip_chars()
-    parts = u.str.extract_groups(_URL_PARTS)
-    scheme = parts.struct.field("1").str.to_lowercase()
-    host = parts.struct.field("2").str.to_lowercase()
-    host = (pl.when((scheme == "http") & host.str.ends_with(":80")).then(host.str.slice(0, host.str.len_chars() - 3))
-            .when((scheme == "https") & host.str.ends_with(":443")).then(host.str.slice(0, host.str.len_chars() - 4))
-            .otherwise(host))
-    path = parts.struct.field("3").str.replace(r"/+$", "")
-    drop = "(?i)^(?:" + "|".join(tracking) + ")$"
-    query = (parts.struct.field("4").fill_null("").str.split("&")
-             .list.eval(pl.element().filter((pl.element() != "")
-                                            & ~pl.element().str.extract(r"^([^=]*)", 1).str.contains(drop)))
-             .list.join("&"))
-    out = pl.concat_str([
+def normalise_urls(urls: pl.Series | Sequence[str | None], tracking: Sequence[str] = TRACKING_PARAMS) -> pl.Series:
+    """The normalised URLs (see the module docstring); null for null/empty ones.
+
+    URLs that are already normal are recognised by one regex and kept; only the others are parsed,
+    part by part over a frame (as one nested expression polars would re-evaluate the parsed parts
+    for every use, several times slower)."""
+    s = urls if isinstance(urls, pl.Series) else pl.Series("url", list(urls), dtype=pl.Utf8)
+    name = s.name or "url"
+    u = s.cast(pl.Utf8).str.strip_chars()
+    alts = "|".join(tracking)
+    # Already normal: lowercase scheme and host, no port, no trailing slash, no fragment, and a
+    # non-empty query without empty or tracking parameters ('&' in the path only costs a slow look).
+    normal = (u.str.contains(r"^[a-z][a-z0-9+.\-]*://[a-z0-9.\-]+(?:/[^?#]*[^/?#])?(?:\?[^#]+)?$")
+              & ~u.str.contains(rf"[?&](?:&|$)|[?&](?i:{alts})(?:[=&]|$)")).fill_null(False)
+    idx = (~normal).arg_true()
+    if len(idx) == 0:
+        return u.alias(name)
+    return u.scatter(idx, _normalise_parsed(u.gather(idx), alts)).alias(name)
+
+
+def _normalise_parsed(u: pl.Series, alts: str) -> pl.Series:
+    """normalise_urls for stripped URLs, by parsing them into scheme, host, path and query."""
+    parts = (u.str.extract_groups(_URL_PARTS).struct.unnest()
+             .rename({"1": "scheme", "2": "host", "3": "path", "4": "query"})
+             .with_columns(pl.col("scheme", "host").str.to_lowercase(),
+                           pl.col("path").str.replace(r"/+$", "").fill_null(""),
+                           pl.col("query").fill_null("")))
+    scheme, host, query = pl.col("scheme"), pl.col("host"), pl.col("query")
+    parts = parts.with_columns(
+        host=pl.when((scheme == "http") & host.str.ends_with(":80")).then(host.str.slice(0, host.str.len_chars() - 3))
+        .when((scheme == "https") & host.str.ends_with(":443")).then(host.str.slice(0, host.str.len_chars() - 4))
+        .otherwise(host))
+    # Only queries with an empty parameter or a tracking one change; the others are kept as they are.
+    dirty = query.str.contains(rf"(?:^|&)(?:&|$)|(?:^|&)(?i:{alts})(?:[=&]|$)") & (query != "")
+    idx = parts.select(dirty).to_series().arg_true()
+    if len(idx):
+        drop = f"(?i)^(?:{alts})$"
+        clean = (parts["query"].gather(idx).str.split("&")
+                 .list.eval(pl.element().filter((pl.element() != "")
+                                                & ~pl.element().str.extract(r"^([^=]*)", 1).str.contains(drop)))
+                 .list.join("&"))
+        parts = parts.with_columns(parts["query"].scatter(idx, clean))
+    out = parts.select(pl.concat_str([
         pl.when(scheme.is_not_null()).then(scheme + pl.lit(":")).otherwise(pl.lit("")),
         pl.when(host.is_not_null()).then(pl.lit("//") + host).otherwise(pl.lit("")),
-        path.fill_null(""),
+        pl.col("path"),
         pl.when(query != "").then(pl.lit("?") + query).otherwise(pl.lit("")),
-    ])
-    return pl.when(u.is_null() | (u == "")).then(None).otherwise(out)
+    ])).to_series()
+    return pl.select(pl.when(pl.lit(u.is_null() | (u == ""))).then(None).otherwise(pl.lit(out))).to_series()
 
 
-def normalise_urls(urls: pl.Series | Sequence[str | None]) -> pl.Series:
-    s = urls if isinstance(urls, pl.Series) else pl.Series("url", list(urls), dtype=pl.Utf8)
-    return pl.select(normalise_url_expr(pl.lit(s.cast(pl.Utf8)))).to_series().alias(s.name or "url")
+def normalise_url_expr(url: pl.Expr, tracking: Sequence[str] = TRACKING_PARAMS) -> pl.Expr:
+    """Polars expression for the normalised URL (`normalise_urls`); null for null/empty."""
+    return url.map_batches(lambda s: normalise_urls(s, tracking), return_dtype=pl.Utf8)
 
 
-def _key_expr(key: str) -> pl.Expr:
-    if key == "uid":
-        return pl.col("uid").cast(pl.Utf8)
-    if key == "sha256":
-        return pl.col("sha256").cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+def normalised_key(frame: pl.DataFrame, key: str) -> pl.Series:
+    """The normalised value of a key other than `uid` for each row; null where it is null or empty."""
     if key == "url":
-        return normalise_url_expr(pl.col("url").cast(pl.Utf8))
-    if key == "sha256_caption":
-        sha = pl.col("sha256").cast(pl.Utf8).str.strip_chars().str.to_lowercase()
-        return pl.when(sha.is_null() | (sha == "")).then(None).otherwise(
-            pl.concat_str([sha, pl.lit("\x00"), pl.col("caption").cast(pl.Utf8).fill_null("")]))
-    raise UsageError(f"exact_dedup: unknown key {key!r}; known: {', '.join(KEYS)}")
+        k = normalise_urls(frame["url"])
+    elif key in ("sha256", "sha256_caption"):
+        k = frame["sha256"].cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+        if key == "sha256_caption":
+            k = pl.select(pl.when(pl.lit(k).is_null() | (pl.lit(k) == "")).then(None).otherwise(
+                pl.concat_str([pl.lit(k), pl.lit("\x00"), pl.lit(frame["caption"].cast(pl.Utf8).fill_null(""))])
+            )).to_series()
+    else:
+        raise UsageError(f"exact_dedup: unknown key {key!r}; known: {', '.join(KEYS)}")
+    return pl.select(pl.when(pl.lit(k) != "").then(pl.lit(k))).to_series().alias(key)
+
+
+# Seeds of the two 64-bit halves of a key's hash (any two distinct values).
+HASH_SEEDS = (0x243F6A8885A308D3, 0x13198A2E03707344)
+
+
+def hash_columns(key: str) -> tuple[str, str]:
+    """Names of the two UInt64 columns `condense` stores for a key."""
+    return f"_h_{key}_0", f"_h_{key}_1"
+
+
+def hash128(values: pl.Series, names: Sequence[str]) -> list[pl.Series]:
+    """Two UInt64 Series (a 128-bit hash) of the values; null where the value is null."""
+    return [pl.select(pl.when(pl.lit(values).is_not_null()).then(pl.lit(values).hash(seed))).to_series().alias(name)
+            for seed, name in zip(HASH_SEEDS, names)]
+
+
+def group_runs(codes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, start): a permutation putting equal code tuples next to each other (in no particular
+    order within a group), and start[i] True where permuted row i begins a new group."""
+    n = len(codes[0])
+    perm = np.argsort(codes[0])
+    srt = [c[perm] for c in codes]
+    same = srt[0][1:] == srt[0][:-1]
+    if len(codes) > 1:
+        rest = np.logical_and.reduce([s[1:] == s[:-1] for s in srt[1:]])
+        if np.any(same & ~rest):  # equal first codes, different later ones (a 64-bit collision): sort on all
+            perm = np.lexsort(list(codes)[::-1])
+            srt = [c[perm] for c in codes]
+            same = np.logical_and.reduce([s[1:] == s[:-1] for s in srt])
+    start = np.ones(n, dtype=bool)
+    start[1:] = ~same
+    return perm, start
+
+
+def lexsort_keys(s: pl.Series, descending: bool = False) -> list[np.ndarray]:
+    """np.lexsort keys (most significant last) ordering s ascending or descending, nulls last."""
+    if not s.dtype.is_numeric():
+        s = s.rank("dense")
+    v = s.fill_null(0).to_numpy()
+    keys = [-v.astype(np.float64 if s.dtype.is_float() else np.int64) if descending else v]
+    if s.null_count():
+        keys.append(s.is_null().to_numpy())
+    return keys
+
+
+def _lex_sorted(keys: Sequence[np.ndarray]) -> bool:
+    """Whether rows are already in np.lexsort order of keys (most significant last)."""
+    before = np.zeros(max(len(keys[0]) - 1, 0), dtype=bool)  # row i < row i + 1 on a more significant key
+    tied = ~before
+    for k in reversed(keys):
+        before |= tied & (k[:-1] < k[1:])
+        tied &= k[:-1] == k[1:]
+    return bool(np.all(before | tied))
+
+
+def _where(mask: np.ndarray, values: pl.Series) -> pl.Series:
+    """values where mask holds, null elsewhere (same dtype)."""
+    return pl.select(pl.when(pl.lit(pl.Series(mask))).then(pl.lit(values))).to_series().alias(values.name)
 
 
 _NEEDS = {"uid": ["uid"], "sha256": ["sha256"], "url": ["url"], "sha256_caption": ["sha256", "caption"]}
@@ -114,65 +207,105 @@ class ExactDedup(Stage):
     def needs_scores(self):
         return [self.score] if self.policy == "highest_score" else []
 
-    def _priority(self, df: pl.DataFrame) -> pl.DataFrame:
-        """Add `_pri`: 0 for the copy that should stay first, ties broken by (shard_id, row_idx), input order."""
-        by: list[pl.Expr] = []
-        desc: list[bool] = []
-        if self.policy == "highest_score":
-            col = f"score__{self.score}"
-            if col not in df.columns:
-                raise UsageError(f"exact_dedup: policy 'highest_score' needs column {col!r}")
-            by.append(pl.col(col).cast(pl.Float64).fill_nan(None))
-            desc.append(True)
-        elif self.policy == "largest_image":
-            for c in ("width", "height"):
-                if c not in df.columns:
-                    raise UsageError("exact_dedup: policy 'largest_image' needs width and height columns")
-            by.append(pl.col("width").cast(pl.Int64) * pl.col("height").cast(pl.Int64))
-            desc.append(True)
-            if "image_bytes" in df.columns:
-                by.append(pl.col("image_bytes").cast(pl.Int64))
-                desc.append(True)
-        for c in ("shard_id", "row_idx"):
-            if c in df.columns:
-                by.append(pl.col(c))
-                desc.append(False)
-        by.append(pl.col("_pos"))
-        desc.append(False)
-        order = df.select(pl.arg_sort_by(by, descending=desc, nulls_last=True)).to_series().to_numpy()
-        pri = np.empty(len(df), dtype=np.int64)
-        pri[order] = np.arange(len(df))
-        return df.with_columns(pl.Series("_pri", pri))
+    def needs_columns(self) -> list[str]:
+        cols: list[str] = []
+        for key in self.keys:
+            cols += [c for c in _NEEDS[key] if c != "uid" and c not in cols]
+        if self.policy == "largest_image":
+            cols += [c for c in ("width", "height", "image_bytes") if c not in cols]
+        return cols
 
-    def apply(self, inp: StageInput) -> StageResult:
-        frame = inp.frame
-        n = len(frame)
+    def _carried(self) -> list[str]:
+        """Columns `condense` keeps as they are: uid, the tie-break and the policy's inputs."""
+        cols = ["uid", "shard_id", "row_idx"]
+        if self.policy == "highest_score":
+            cols.append(f"score__{self.score}")
+        elif self.policy == "largest_image":
+            cols += ["width", "height", "image_bytes"]
+        return cols
+
+    def _hashed_keys(self) -> list[str]:
+        return [k for k in dict.fromkeys(self.keys) if k != "uid"]
+
+    def _hashed(self) -> list[str]:
+        return [c for key in self._hashed_keys() for c in hash_columns(key)]
+
+    def condense(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """uid, shard_id/row_idx, the policy's inputs and a 128-bit hash (`_h_<key>_0`, `_h_<key>_1`,
+        null for a null or empty key) of each key but `uid`; raw strings are dropped."""
+        carried = [c for c in self._carried() if c in frame.columns]
+        if all(c in frame.columns for c in self._hashed()) and "uid" in frame.columns:
+            return frame.select(carried + self._hashed())  # already condensed
         for key in self.keys:
             for c in _NEEDS[key]:
                 if c not in frame.columns:
                     raise UsageError(f"exact_dedup: key {key!r} needs column {c!r}")
-        df = self._priority(frame.with_row_index("_pos").with_columns(pl.col("_pos").cast(pl.Int64)))
+        hashes = [h for key in self._hashed_keys() for h in hash128(normalised_key(frame, key), hash_columns(key))]
+        return frame.select(carried).with_columns(hashes)
+
+    def _priority_order(self, df: pl.DataFrame) -> np.ndarray:
+        """Row positions, the copy that should stay first: by policy, then (shard_id, row_idx), then input order."""
+        by: list[tuple[pl.Series, bool]] = []  # most significant first
+        if self.policy == "highest_score":
+            col = f"score__{self.score}"
+            if col not in df.columns:
+                raise UsageError(f"exact_dedup: policy 'highest_score' needs column {col!r}")
+            by.append((df[col].cast(pl.Float64).fill_nan(None), True))
+        elif self.policy == "largest_image":
+            for c in ("width", "height"):
+                if c not in df.columns:
+                    raise UsageError("exact_dedup: policy 'largest_image' needs width and height columns")
+            by.append((df["width"].cast(pl.Int64) * df["height"].cast(pl.Int64), True))
+            if "image_bytes" in df.columns:
+                by.append((df["image_bytes"].cast(pl.Int64), True))
+        by += [(df[c], False) for c in ("shard_id", "row_idx") if c in df.columns]
+        keys = [k for s, desc in reversed(by) for k in lexsort_keys(s, desc)]
+        if not keys or _lex_sorted(keys):  # the runner's rows come in (shard_id, row_idx) order
+            return np.arange(df.height)
+        return np.lexsort(keys)  # stable: input order last
+
+    def _codes(self, df: pl.DataFrame, key: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """(integer arrays that are equal exactly when the key is, mask of rows whose key may match)."""
+        if key == "uid":
+            uid = df["uid"]
+            valid = uid.is_not_null()
+            if uid.dtype == pl.Utf8:
+                valid &= uid != ""
+            codes = uid if uid.dtype.is_integer() else uid.rank("dense")
+            return [codes.fill_null(0).to_numpy()], valid.to_numpy()
+        h = [df[c] for c in hash_columns(key)]
+        return [c.fill_null(0).to_numpy() for c in h], h[0].is_not_null().to_numpy()
+
+    def apply(self, inp: StageInput) -> StageResult:
+        df = self.condense(inp.frame)
+        n = df.height
+        order = self._priority_order(df)
         alive = np.ones(n, dtype=bool)
-        drops = []
+        reason = np.zeros(n, dtype=np.int64)  # index into self.keys, for dropped rows
+        ref = np.zeros(n, dtype=np.int64)  # position of the copy that stayed, for dropped rows
+        size = np.zeros(n, dtype=np.float64)
         stats = {"n_in": n}
-        for key in self.keys:
-            sub = (df.filter(pl.Series(alive)).select("_pos", "_pri", "uid", _key_expr(key).alias("_k"))
-                   .filter(pl.col("_k").is_not_null() & (pl.col("_k") != "")))
-            grouped = sub.with_columns(
-                pl.col("_pri").min().over("_k").alias("_rep_pri"),
-                pl.col("uid").sort_by("_pri").first().over("_k").alias("_ref"),
-                pl.len().over("_k").alias("_size"),
-            ).filter(pl.col("_pri") != pl.col("_rep_pri"))
-            d = grouped.select("_pos", pl.lit(f"duplicate_{key}").alias("_reason"), "_ref",
-                               pl.col("_size").cast(pl.Float64).alias("_value"))
-            alive[d["_pos"].to_numpy()] = False
-            drops.append(d)
-            stats[f"dropped_{key}"] = len(d)
-        if drops:
-            allr = pl.concat(drops)
-        else:
-            allr = pl.DataFrame(schema={"_pos": pl.Int64, "_reason": pl.Utf8, "_ref": pl.Utf8, "_value": pl.Float64})
-        j = df.select("_pos", "uid").join(allr, on="_pos", how="left", maintain_order="left")
+        for i, key in enumerate(self.keys):
+            codes, valid = self._codes(df, key)
+            rows = order[alive[order] & valid[order]]  # candidates, best first
+            if len(rows) == 0:
+                stats[f"dropped_{key}"] = 0
+                continue
+            perm, start = group_runs([c[rows] for c in codes])
+            firsts = np.flatnonzero(start)
+            group = np.cumsum(start) - 1
+            sizes = np.diff(np.append(firsts, len(rows)))
+            best = np.minimum.reduceat(perm, firsts)  # per group, the index in rows of the copy that stays
+            dup = perm != best[group]
+            dropped, g = rows[perm[dup]], group[dup]
+            alive[dropped] = False
+            reason[dropped], ref[dropped], size[dropped] = i, rows[best[g]], sizes[g]
+            stats[f"dropped_{key}"] = len(dropped)
         stats["n_kept"] = int(alive.sum())
-        dec = decisions_frame(j["uid"], pl.Series(alive), reason=j["_reason"], value=j["_value"], ref_uid=j["_ref"])
+        uid = df["uid"]
+        gone = ~alive
+        names = pl.Series("reason", [f"duplicate_{k}" for k in self.keys], dtype=DECISION_COLUMNS["reason"])
+        dec = decisions_frame(uid, pl.Series(alive), reason=_where(gone, names.gather(reason)),
+                              value=_where(gone, pl.Series("value", size)),
+                              ref_uid=_where(gone, uid.gather(ref)).alias("ref_uid"))
         return StageResult(dec, {}, stats)

@@ -268,6 +268,9 @@ class DataCompBasic(Stage):
     name = "basic"
     scope = "row"
 
+    def needs_columns(self):
+        return [self.column, "width", "height"]
+
     def __init__(self, min_words: int = 3, min_chars: int = 6, min_side: float = 200, max_aspect: float = 3.0,
                  lang: str = "en", column: str = "caption", lid_model: str | None = None,
                  processes: int | None = None):
@@ -318,6 +321,9 @@ class ClipScore(Stage):
     """
 
     name = "clip_score"
+
+    def needs_columns(self):
+        return []
 
     def __init__(self, scorer: str, threshold: float | None = None, fraction: float | None = None,
                  mode: str = "datacomp"):
@@ -404,6 +410,9 @@ class Laion2B(Stage):
 
     name = "laion2b"
     scope = "row"
+
+    def needs_columns(self):
+        return [self.column]
 
     def __init__(self, scorer: str = "datacomp-b32", threshold: float = 0.28, lang: str = "en",
                  column: str = "caption", lid_model: str | None = None, processes: int | None = None):

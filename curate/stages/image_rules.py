@@ -30,6 +30,9 @@ class ImageSize(Stage):
     name = "image_size"
     scope = "row"
 
+    def needs_columns(self):
+        return ["width", "height"]
+
     def __init__(self, min_side: float | None = 200, max_aspect: float | None = 3.0, max_side: float | None = None):
         self.min_side = min_side
         self.max_aspect = None if max_aspect is None else float(max_aspect)
@@ -60,6 +63,9 @@ class ImageBytes(Stage):
     name = "image_bytes"
     scope = "row"
 
+    def needs_columns(self):
+        return ["image_bytes"]
+
     def __init__(self, min_bytes: int | None = None, max_bytes: int | None = None):
         self.min_bytes = min_bytes
         self.max_bytes = max_bytes
@@ -89,6 +95,9 @@ class DecodeFailures(Stage):
 
     name = "decode_failures"
     scope = "row"
+
+    def needs_columns(self):
+        return ["decode_error"]
 
     def apply(self, inp: StageInput) -> StageResult:
         f = inp.frame

@@ -9,5 +9,8 @@ from .base import Stage, StageInput, StageResult, decisions_frame, register_stag
 class NoFilter(Stage):
     name = "no_filter"
 
+    def needs_columns(self):
+        return []
+
     def apply(self, inp: StageInput) -> StageResult:
         return StageResult(decisions_frame(inp.frame["uid"], True))

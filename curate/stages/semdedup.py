@@ -182,7 +182,6 @@ class SemDedupCache:
 
     def to_frame(self, uids: pl.Series) -> pl.DataFrame:
         """uid | cluster | centroid_dist | rank | nn_sim | nn_uid (what the runner stores)."""
-        uids = uids.cast(pl.Utf8)
         has = self.nn_pos >= 0
         nn_uid = uids.gather(np.where(has, self.nn_pos, 0))
         nn_uid = pl.select(pl.when(pl.Series(has)).then(nn_uid)).to_series()
@@ -472,6 +471,9 @@ class SemanticDedup(Stage):
     name = "semdedup"
     scope = "global"
 
+    def needs_columns(self):
+        return []
+
     def __init__(self, scorer: str = "datacomp-l14", kind: str = "img", eps: float | None = 0.07,
                  target_keep: float | None = None, rule: str = "paper", keep: str = "farthest",
                  k: int | None = None, niter: int = 20, seed: int | None = None, sample_size: int | None = None,
@@ -508,7 +510,7 @@ class SemanticDedup(Stage):
     def apply(self, inp: StageInput) -> StageResult:
         frame = inp.frame
         n = len(frame)
-        uids = frame["uid"].cast(pl.Utf8)
+        uids = frame["uid"]
         if n == 0:
             return StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
         seed = int(self.seed if self.seed is not None else inp.seed)
