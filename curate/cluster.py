@@ -41,8 +41,12 @@ from .stages.base import EmbeddingView
 DEFAULT_CHUNK_ROWS = 65536
 # FAISS's default max_points_per_centroid: more training points than this per centroid add little.
 POINTS_PER_CENTROID = 256
-# Cap on the training sample whatever k is: 2**19 rows of d=512 float32 is 1 GiB.
+# Cap on the training sample whatever k is: 2**19 rows, and at most MAX_TRAIN_BYTES of float32
+# (256 MiB: 131,072 rows at d = 512, 87,381 at d = 768), so the sample's memory does not grow
+# with k or the embedding size. FAISS itself warns below 39 points per centroid.
 MAX_TRAIN_ROWS = 1 << 19
+MAX_TRAIN_BYTES = 256 << 20
+MIN_POINTS_PER_CENTROID = 39
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ class ClusterSpec:
     k: int = 100
     niter: int = 20
     seed: int = 0
-    sample_size: int | None = None  # None: min(N, 256·k, MAX_TRAIN_ROWS)
+    sample_size: int | None = None  # None: default_sample_size(N, k, d)
     scorer: str = ""
     kind: str = "img"
 
@@ -225,8 +229,10 @@ def load_clustering(directory: str | os.PathLike, mmap: bool = False) -> Cluster
 # Training and assignment
 # ---------------------------------------------------------------------------------------------
 
-def default_sample_size(n: int, k: int) -> int:
-    return int(min(n, POINTS_PER_CENTROID * k, MAX_TRAIN_ROWS))
+def default_sample_size(n: int, k: int, dim: int = 512) -> int:
+    """min(N, 256·k, 2**19, 256 MiB of float32 rows), but never under 39·k (FAISS's own floor)."""
+    cap = min(MAX_TRAIN_ROWS, MAX_TRAIN_BYTES // (4 * max(int(dim), 1)))
+    return int(min(n, max(min(POINTS_PER_CENTROID * k, cap), MIN_POINTS_PER_CENTROID * k)))
 
 
 def training_sample(n: int, size: int, seed: int) -> np.ndarray:
@@ -349,7 +355,7 @@ def spherical_kmeans(view: EmbeddingView, k: int, *, niter: int = 20, seed: int 
         return ClusterResult(np.empty(0, np.int32), np.empty(0, np.float32), np.empty((0, d), np.float32),
                              {"k": 0, "k_requested": int(k), "n": 0})
     k_eff = int(min(max(int(k), 1), n))
-    m = default_sample_size(n, k_eff) if sample_size is None else int(sample_size)
+    m = default_sample_size(n, k_eff, d) if sample_size is None else int(sample_size)
     m = max(min(m, n), k_eff)
     t0 = time.perf_counter()
     pos = training_sample(n, m, seed)

@@ -149,7 +149,7 @@ class Manifest:
                 ) from None
             raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
         # Bounded memory: DuckDB spills to the workspace's tmp/ rather than growing with the pool.
-        mem = os.environ.get("CURATE_DUCKDB_MEMORY", "1GB")
+        mem = os.environ.get("CURATE_DUCKDB_MEMORY", "512MB")
         self.con.execute(f"SET memory_limit = '{mem}'")
         if not read_only:
             tmp = self.path.parent / "tmp" / "duckdb"

@@ -136,6 +136,9 @@ class PoolSource:
         self.shard_id = spine.column("shard_id").to_numpy()
         self.row_idx = spine.column("row_idx").to_numpy()
         del spine, rid
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()  # the spine query's result buffers
         self.pos_of_rid = np.full(int(self.rid.max()) + 1 if self.n else 0, -1, dtype=np.int32)
         self.pos_of_rid[self.rid] = np.arange(self.n, dtype=np.int32)
         self._pos_of_rank: np.ndarray | None = None
@@ -358,6 +361,10 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                     [run_id, idx, sid, out.n_in, out.n_kept, out.n_in - out.n_kept, seconds,
                      json.dumps({"stage": stage.name, "params": stage.params(), "stats": stats}, default=str)])
                 _save_artefacts(run_dir, sid, artefacts)
+            if stage.remembers_languages and not any(st.remembers_languages for _, st in stages[idx + 1:]):
+                from ..stages import langid
+
+                langid.clear_memo()  # up to MEMO_MAX captions nobody will ask about again
             for d in dropped:
                 alive[d] = False
             n_alive = n_kept

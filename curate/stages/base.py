@@ -65,6 +65,13 @@ def decisions_frame(uid, keep, reason=None, value=None, threshold=None, ref_uid=
     return pl.DataFrame(cols)
 
 
+def reason_where(mask, reason: str) -> pl.Series:
+    """The `reason` column: `reason` where mask is set, null elsewhere, built categorical (4 bytes
+    a row; a string column would take 16+ a row before the cast)."""
+    return pl.select(pl.when(pl.Series(np.asarray(mask, dtype=bool)))
+                     .then(pl.lit(reason, dtype=DECISION_COLUMNS["reason"])).alias("reason")).to_series()
+
+
 class EmbeddingView:
     """Embeddings of the input rows, in input-row order, read in float32 chunks.
 
@@ -169,6 +176,9 @@ class Stage:
     name: ClassVar[str] = ""
     scope: ClassVar[str] = "row"  # "row" | "global"
     uses_budget: ClassVar[bool] = False  # True: `curate prune --budget` sets inp.budget for this stage
+    # True: the stage identifies caption languages through langid's memo (shared by the run's
+    # language-aware stages); the runner forgets it after the last such stage.
+    remembers_languages: ClassVar[bool] = False
     _apply_to: str = "survivors"  # set by the runner from the recipe ("survivors" | "pool")
 
     def params(self) -> dict:

@@ -508,6 +508,7 @@ class CaptionQuality(Stage):
 
     name = "caption_quality"
     scope = "row"
+    remembers_languages = True
     fixed_checks: tuple[str, ...] | None = None
 
     def __init__(self, checks: Sequence[str] | None = None, column: str = "caption",

@@ -37,7 +37,7 @@ import polars as pl
 
 from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, uid_ranks
 from ..errors import UsageError
-from .base import Stage, StageInput, StageResult, decisions_frame, register_stage
+from .base import Stage, StageInput, StageResult, decisions_frame, reason_where, register_stage
 from .semdedup import const_column
 
 KEEP_DBP = ("hard", "easy", "random", "score")
@@ -235,12 +235,11 @@ def _cut_per_cluster(cluster: np.ndarray, value: np.ndarray, keep: np.ndarray, k
 def _decisions(uids: pl.Series, keep: np.ndarray, reason: str, value=None, threshold=None, detail=None) -> pl.DataFrame:
     """Decision frame; absent or scalar columns are built without Python lists of n items."""
     n = len(uids)
-    drop = pl.Series(~keep)
 
     def col(v, dtype):
         return v if isinstance(v, pl.Series) else const_column(v, n, dtype)
 
-    return decisions_frame(uids, pl.Series(keep), reason=pl.select(pl.when(drop).then(pl.lit(reason))).to_series(),
+    return decisions_frame(uids, pl.Series(keep), reason=reason_where(~keep, reason),
                            value=col(value, pl.Float64), threshold=col(threshold, pl.Float64),
                            ref_uid=None, detail=col(detail, pl.Utf8))
 

@@ -22,7 +22,7 @@ import polars as pl
 
 from ..cluster import DEFAULT_CHUNK_ROWS, NearestIP, normalise_rows, resolve_device
 from ..errors import UsageError
-from .base import Stage, StageInput, StageResult, decisions_frame, register_stage
+from .base import Stage, StageInput, StageResult, decisions_frame, reason_where, register_stage
 from .semdedup import const_column, ge_threshold, sparse_strings
 
 REASON = "eval_near_duplicate"
@@ -77,7 +77,7 @@ class Decontaminate(Stage):
         drop = ge_threshold(best, self.threshold)
         detail = sparse_strings(drop, pl.select(pl.format("eval_row={}", pl.Series(row[drop]))).to_series())
         dec = decisions_frame(uids, pl.Series(~drop),
-                              reason=pl.select(pl.when(pl.Series(drop)).then(pl.lit(REASON))).to_series(),
+                              reason=reason_where(drop, REASON),
                               value=pl.Series(best, dtype=pl.Float64).fill_nan(None),
                               threshold=const_column(self.threshold, n, pl.Float64), ref_uid=None,
                               detail=detail)

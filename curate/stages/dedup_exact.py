@@ -281,8 +281,8 @@ class ExactDedup(Stage):
         n = df.height
         order = self._priority_order(df)
         alive = np.ones(n, dtype=bool)
-        reason = np.zeros(n, dtype=np.int64)  # index into self.keys, for dropped rows
-        ref = np.zeros(n, dtype=np.int64)  # position of the copy that stayed, for dropped rows
+        reason = np.zeros(n, dtype=np.int8)  # index into self.keys, for dropped rows
+        ref = np.zeros(n, dtype=np.int32 if n < 2**31 else np.int64)  # the copy that stayed, for dropped rows
         size = np.zeros(n, dtype=np.float64)
         stats = {"n_in": n}
         for i, key in enumerate(self.keys):
@@ -293,7 +293,7 @@ class ExactDedup(Stage):
                 continue
             perm, start = group_runs([c[rows] for c in codes])
             firsts = np.flatnonzero(start)
-            group = np.cumsum(start) - 1
+            group = np.cumsum(start, dtype=np.int32 if len(start) < 2**31 else np.int64) - 1
             sizes = np.diff(np.append(firsts, len(rows)))
             best = np.minimum.reduceat(perm, firsts)  # per group, the index in rows of the copy that stays
             dup = perm != best[group]

@@ -267,6 +267,7 @@ class DataCompBasic(Stage):
 
     name = "basic"
     scope = "row"
+    remembers_languages = True
 
     def needs_columns(self):
         return [self.column, "width", "height"]
@@ -410,6 +411,7 @@ class Laion2B(Stage):
 
     name = "laion2b"
     scope = "row"
+    remembers_languages = True
 
     def needs_columns(self):
         return [self.column]

@@ -41,7 +41,7 @@ import polars as pl
 from .. import console
 from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, normalise_rows, short_hash
 from ..errors import UsageError
-from .base import EmbeddingView, Stage, StageInput, StageResult, decisions_frame, register_stage
+from .base import EmbeddingView, Stage, StageInput, StageResult, decisions_frame, reason_where, register_stage
 
 KEEP_ORDERS = ("farthest", "closest", "random")
 RULES = ("paper", "greedy")
@@ -563,7 +563,7 @@ class SemanticDedup(Stage):
         value = pl.Series(out.value).fill_nan(None)
         return decisions_frame(
             uids, pl.Series(out.keep),
-            reason=pl.select(pl.when(dropped).then(pl.lit(REASON))).to_series(),
+            reason=reason_where(~out.keep, REASON),
             value=value, threshold=const_column(out.threshold, n, pl.Float64),
             ref_uid=uids.gather(ref_idx), detail=detail,
         )
