@@ -454,11 +454,20 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
         if pool is not None and hasattr(stage, "cluster_spec") and frame.height:
             _share_pool_clustering(stage, inp, pool, pos, manifest, seed, cache)
         res = stage.apply(inp)
-        run.stats, run.artefacts, dec = res.stats, res.artefacts, res.decisions
-        del inp, views, res
-        out = _positions(sid, src, frame, pos, dec)
-        del frame, dec
-        yield out
+        run.stats, run.artefacts, chunks = res.stats, res.artefacts, res.decision_chunks()
+        uid = frame["uid"]
+        del inp, views, res, frame
+        at = 0
+        for dec in chunks:  # in input order; one chunk unless the stage builds them as it goes
+            h = dec.height
+            if at + h > len(uid):
+                raise CurateError(f"stage {sid} returned more decisions than the {len(uid)} samples it was given")
+            out = _positions(sid, src, uid.slice(at, h).to_frame(), pos[at:at + h], dec)
+            at += h
+            del dec
+            yield out
+        if at != len(uid):
+            raise CurateError(f"stage {sid} returned {at} decisions for {len(uid)} samples")
     return _StageRun(global_chunks)
 
 
@@ -504,7 +513,11 @@ def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.n
     pool_inp = StageInput(base, views, seed, None, cache, pool_key=src.pool_key, _fingerprint=pool.fingerprint)
     pc = clustering_for_stage(pool_inp, spec, need_centroids=True)
     pool.fingerprint = pool_inp.fingerprint()
-    idx = np.cumsum(src.decodable, dtype=np.int64)[pos] - 1
+    if len(pos) == len(base_pos):  # the stage sees the whole pool: it finds that clustering in the cache
+        inp._fingerprint = pool.fingerprint
+        return
+    del views, pool_inp
+    idx = np.cumsum(src.decodable, dtype=np.int32 if src.n < 2**31 else np.int64)[pos] - 1
     cache_clustering(inp, spec, pc.cluster[idx], pc.dist[idx], pc.centroids)
 
 

@@ -27,7 +27,7 @@ thresholds, dedup, clustering, budgets) see every surviving sample in one call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import polars as pl
@@ -163,13 +163,45 @@ class StageInput:
             raise UsageError(f"stage needs {kind} embeddings of scorer {scorer!r}; available: {have}") from None
 
 
-@dataclass
+DECISION_CHUNK = 1 << 20
+
+
 class StageResult:
-    decisions: pl.DataFrame
-    # Tables for the report and for later reruns (cluster sizes, quotas, centroids, ...): name -> frame/array.
-    artefacts: dict[str, Any] = field(default_factory=dict)
-    # Extra scalar facts (resolved thresholds, eps, λ) recorded with the stage.
-    stats: dict[str, Any] = field(default_factory=dict)
+    """What `Stage.apply` returns.
+
+    decisions: the decisions frame; or, for stages over millions of rows, `chunks` instead: a
+        callable returning an iterator of frames that follow the input order and concatenate to
+        the decisions (see `in_chunks`). The runner records chunk by chunk, so it never holds all
+        of them; `.decisions` still gives the whole frame to callers that want it.
+    artefacts: tables for the report and later reruns (cluster sizes, quotas, ...): name -> frame/array.
+    stats: extra scalar facts (resolved thresholds, eps, λ) recorded with the stage.
+    """
+
+    def __init__(self, decisions: pl.DataFrame | None = None, artefacts: dict[str, Any] | None = None,
+                 stats: dict[str, Any] | None = None, *, chunks: Callable[[], Iterator[pl.DataFrame]] | None = None):
+        if (decisions is None) == (chunks is None):
+            raise ValueError("StageResult needs decisions or chunks (one of them)")
+        self._decisions, self._chunks = decisions, chunks
+        self.artefacts = artefacts if artefacts is not None else {}
+        self.stats = stats if stats is not None else {}
+
+    @property
+    def decisions(self) -> pl.DataFrame:
+        if self._decisions is None:
+            self._decisions = pl.concat(list(self._chunks()))
+        return self._decisions
+
+    def decision_chunks(self) -> Iterator[pl.DataFrame]:
+        return iter([self._decisions]) if self._decisions is not None else self._chunks()
+
+
+def in_chunks(n: int, build: Callable[[int, int], pl.DataFrame], rows: int = DECISION_CHUNK):
+    """`chunks=` for a StageResult: build(start, stop) gives the decisions of input rows
+    [start, stop); at least one chunk, even for no rows."""
+    def chunks() -> Iterator[pl.DataFrame]:
+        for start in range(0, max(n, 1), rows):
+            yield build(start, min(n, start + rows))
+    return chunks
 
 
 class Stage:

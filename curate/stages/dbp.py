@@ -37,7 +37,7 @@ import polars as pl
 
 from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, uid_ranks
 from ..errors import UsageError
-from .base import Stage, StageInput, StageResult, decisions_frame, reason_where, register_stage
+from .base import Stage, StageInput, StageResult, decisions_frame, in_chunks, reason_where, register_stage
 from .semdedup import const_column
 
 KEEP_DBP = ("hard", "easy", "random", "score")
@@ -232,16 +232,24 @@ def _cut_per_cluster(cluster: np.ndarray, value: np.ndarray, keep: np.ndarray, k
 # Stages
 # ---------------------------------------------------------------------------------------------
 
-def _decisions(uids: pl.Series, keep: np.ndarray, reason: str, value=None, threshold=None, detail=None) -> pl.DataFrame:
-    """Decision frame; absent or scalar columns are built without Python lists of n items."""
-    n = len(uids)
+def _decisions(uids: pl.Series, keep: np.ndarray, reason: str, value: np.ndarray | None = None,
+               threshold: np.ndarray | float | None = None, detail=None) -> dict:
+    """StageResult arguments for these decisions, built a chunk of rows at a time: `value` and
+    `threshold` are float arrays (NaN: null) or a scalar, `detail(start, stop)` gives the detail
+    strings of those rows."""
+    def build(start: int, stop: int) -> pl.DataFrame:
+        m = stop - start
 
-    def col(v, dtype):
-        return v if isinstance(v, pl.Series) else const_column(v, n, dtype)
+        def col(v):
+            if isinstance(v, np.ndarray):
+                return pl.Series(v[start:stop], dtype=pl.Float64).fill_nan(None)
+            return const_column(v, m, pl.Float64)
 
-    return decisions_frame(uids, pl.Series(keep), reason=reason_where(~keep, reason),
-                           value=col(value, pl.Float64), threshold=col(threshold, pl.Float64),
-                           ref_uid=None, detail=col(detail, pl.Utf8))
+        k = keep[start:stop]
+        return decisions_frame(uids.slice(start, m), pl.Series(k), reason=reason_where(~k, reason),
+                               value=col(value), threshold=col(threshold), ref_uid=None,
+                               detail=detail(start, stop) if detail else const_column(None, m, pl.Utf8))
+    return {"chunks": in_chunks(len(uids), build)}
 
 
 def _budget(inp: StageInput, stage: Stage) -> int:
@@ -358,16 +366,16 @@ class DensityBasedPruning(_ClusteredBudgetStage):
         }).filter(pl.col("size") > 0)
         # short on purpose (<= 12 characters are stored inline, no string buffer per row);
         # the cluster's size, shares and quota are in the `dbp_clusters` artefact
-        detail = pl.select(pl.format("cluster={}", pl.Series(clu.cluster))).to_series()
-        dec = _decisions(uids, keep, "dbp_over_quota", value=pl.Series(value).fill_nan(None),
-                         threshold=pl.Series(thr).fill_nan(None), detail=detail)
+        dec = _decisions(uids, keep, "dbp_over_quota", value=np.asarray(value, dtype=np.float64),
+                         threshold=np.asarray(thr, dtype=np.float64),
+                         detail=lambda s, e: pl.select(pl.format("cluster={}", pl.Series(clu.cluster[s:e]))).to_series())
         artefacts = {"dbp_clusters": per_cluster}
         stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "k": clu.k, "k_active": int(active.sum()),
                  "lambda": alloc.lam, "lb": alloc.lb, "clustering": clu.source, "clustering_key": clu.identity,
                  "keep": self.keep}
         if alloc.notes:
             stats["warnings"] = alloc.notes
-        return StageResult(dec, artefacts, stats)
+        return StageResult(None, artefacts, stats, **dec)
 
 
 @register_stage
@@ -424,16 +432,16 @@ class PrototypePruning(_ClusteredBudgetStage):
         thr = cut if self.keep == "hard" else -cut
         per_cluster = pl.DataFrame({"cluster": np.arange(clu.k, dtype=np.int32), "size": sizes,
                                     "kept": kept_sizes}).filter(pl.col("size") > 0)
-        dec = _decisions(uids, keep, "ssp_below_cut", value=pl.Series(clu.dist, dtype=pl.Float64),
+        dec = _decisions(uids, keep, "ssp_below_cut", value=np.asarray(clu.dist, dtype=np.float64),
                          threshold=None if math.isnan(thr) else thr,
-                         detail=pl.select(pl.format("cluster={}{}", pl.Series(clu.cluster),
-                                                    pl.when(pl.Series(by_floor)).then(pl.lit(" floor"))
-                                                    .otherwise(pl.lit("")))).to_series())
+                         detail=lambda s, e: pl.select(pl.format(
+                             "cluster={}{}", pl.Series(clu.cluster[s:e]),
+                             pl.when(pl.Series(by_floor[s:e])).then(pl.lit(" floor")).otherwise(pl.lit("")))).to_series())
         stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "k": clu.k, "k_active": k_active,
                  "floor": floor, "clustering": clu.source, "clustering_key": clu.identity, "keep": self.keep}
         if notes:
             stats["warnings"] = notes
-        return StageResult(dec, {"ssp_clusters": per_cluster}, stats)
+        return StageResult(None, {"ssp_clusters": per_cluster}, stats, **dec)
 
 
 @register_stage
@@ -461,5 +469,4 @@ class RandomSubset(Stage):
         stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "seed": seed}
         if budget > n:
             stats["warnings"] = [f"budget {budget} exceeds the {n} samples left: all kept"]
-        dec = _decisions(uids, keep, "random_not_drawn")
-        return StageResult(dec, {}, stats)
+        return StageResult(None, {}, stats, **_decisions(uids, keep, "random_not_drawn"))

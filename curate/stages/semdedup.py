@@ -41,7 +41,7 @@ import polars as pl
 from .. import console
 from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, normalise_rows, short_hash
 from ..errors import UsageError
-from .base import EmbeddingView, Stage, StageInput, StageResult, decisions_frame, reason_where, register_stage
+from .base import EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, reason_where, register_stage
 
 KEEP_ORDERS = ("farthest", "closest", "random")
 RULES = ("paper", "greedy")
@@ -549,21 +549,22 @@ class SemanticDedup(Stage):
         stats.update(out.stats)
         stats.update({"eps": out.eps, "threshold": out.threshold, "rule": self.rule, "n_in": n,
                       "n_kept": int(out.keep.sum()), "keep_fraction": float(out.keep.mean())})
-        return StageResult(self._decisions(uids, cache, out), {"semdedup_clusters": _per_cluster(cache, out)}, stats)
+        return StageResult(None, {"semdedup_clusters": _per_cluster(cache, out)}, stats,
+                           chunks=in_chunks(n, lambda s, e: self._decisions(uids, cache, out, s, e)))
 
     @staticmethod
-    def _decisions(uids: pl.Series, cache: SemDedupCache, out: DedupOutcome) -> pl.DataFrame:
-        n = len(uids)
-        dropped = pl.Series(~out.keep)
-        ref_idx = pl.select(pl.when(dropped).then(pl.Series(out.ref_pos))).to_series()
+    def _decisions(uids: pl.Series, cache: SemDedupCache, out: DedupOutcome, start: int, stop: int) -> pl.DataFrame:
+        """Decisions of input rows [start, stop)."""
+        keep = out.keep[start:stop]
+        dm = ~keep
+        ref_idx = pl.select(pl.when(pl.Series(dm)).then(pl.Series(out.ref_pos[start:stop]))).to_series()
         # detail only where it explains a drop: the cache holds cluster and rank for every sample
-        dm = ~out.keep
-        detail = sparse_strings(dm, pl.select(pl.format("cluster={} rank={}", pl.Series(cache.cluster[dm]),
-                                                        pl.Series(cache.rank[dm]))).to_series())
-        value = pl.Series(out.value).fill_nan(None)
+        detail = sparse_strings(dm, pl.select(pl.format("cluster={} rank={}", pl.Series(cache.cluster[start:stop][dm]),
+                                                        pl.Series(cache.rank[start:stop][dm]))).to_series())
         return decisions_frame(
-            uids, pl.Series(out.keep),
-            reason=reason_where(~out.keep, REASON),
-            value=value, threshold=const_column(out.threshold, n, pl.Float64),
+            uids.slice(start, stop - start), pl.Series(keep),
+            reason=reason_where(dm, REASON),
+            value=pl.Series(out.value[start:stop]).fill_nan(None),
+            threshold=const_column(out.threshold, stop - start, pl.Float64),
             ref_uid=uids.gather(ref_idx), detail=detail,
         )
