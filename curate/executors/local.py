@@ -105,7 +105,6 @@ def build_stages(recipe: Recipe) -> list[tuple[str, Stage]]:
 
 
 SAMPLE_COLUMNS = ("key", "url", "caption", "width", "height", "sha256", "source", "image_ext", "image_bytes")
-ALWAYS = ("uid", "shard_id", "row_idx")
 STREAM_BATCH = 262_144
 WRITE_CHUNK = 1_000_000
 
@@ -199,6 +198,13 @@ class PoolSource:
             cols.append(self.decode_error(pos))
         return pl.DataFrame(cols)
 
+    def frames(self, pos: np.ndarray, columns: list[str], scorers=(), decode_error: bool = False):
+        """(positions, frame) batches covering `pos`: `base` columns beside the streamed `columns`."""
+        wanted = np.zeros(self.n, dtype=bool)
+        wanted[pos] = True
+        for bpos, batch in self.stream(wanted, columns):
+            yield bpos, pl.concat([self.base(bpos, scorers, decode_error), batch], how="horizontal")
+
     def stream(self, wanted: np.ndarray, columns: list[str]):
         """(positions, frame of `columns`) for the wanted positions (a boolean mask over the pool),
         a batch at a time, in the manifest's storage order."""
@@ -228,26 +234,22 @@ def stage_columns(stage: Stage) -> tuple[list[str], bool]:
     return [c for c in SAMPLE_COLUMNS if c in want], "decode_error" in want
 
 
-def stage_frame(src: PoolSource, stage: Stage, pos: np.ndarray, *, condense: bool = True) -> pl.DataFrame:
-    """The stage's input for these positions (sorted), with the columns it needs, in position order.
-    Long columns are streamed and, when `condense`, passed through `stage.condense` per batch."""
+def stage_frame(src: PoolSource, stage: Stage, pos: np.ndarray) -> pl.DataFrame:
+    """A global stage's input for these positions (sorted), with the columns it needs, in position
+    order. Long columns are streamed and passed through `stage.condense` batch by batch."""
     cols, err = stage_columns(stage)
     scorers = stage.needs_scores()
     if not cols:
         return src.base(pos, scorers, err)
-    wanted = np.zeros(src.n, dtype=bool)
-    wanted[pos] = True
     parts, where = [], []
-    for bpos, batch in src.stream(wanted, cols):
-        b = pl.concat([src.base(bpos, scorers, err), batch], how="horizontal")
-        parts.append(stage.condense(b) if condense else b)
+    for bpos, b in src.frames(pos, cols, scorers, err):
+        parts.append(stage.condense(b))
         where.append(bpos)
     if not parts:  # no rows: the columns with their manifest types
         sel = ", ".join(f'"{c}"' for c in cols)
-        empty = pl.concat([src.base(pos, scorers, err),
-                           pl.from_arrow(src.m.con.sql(f"SELECT {sel} FROM samples LIMIT 0").to_arrow_table())],
-                          how="horizontal")
-        return stage.condense(empty) if condense else empty
+        return stage.condense(pl.concat(
+            [src.base(pos, scorers, err), pl.from_arrow(src.m.con.sql(f"SELECT {sel} FROM samples LIMIT 0").to_arrow_table())],
+            how="horizontal"))
     frame = pl.concat(parts, how="vertical_relaxed")
     at = np.concatenate(where)
     if len(at) > 1 and not (np.diff(at) > 0).all():
@@ -323,7 +325,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 if b > n_alive:
                     warnings.append(f"budget {b:,} exceeds the {n_alive:,} samples that reach {sid}; all are kept")
             over_pool = stage._apply_to == "pool"
-            pos = np.flatnonzero(np.ones(n_pool, bool) if over_pool else alive)
+            pos = np.arange(n_pool) if over_pool else np.flatnonzero(alive)
             run = _apply(sid, stage, src, pos, manifest, recipe.seed, b, cache,
                          None if over_pool else clustering_pool)
             # Decisions arrive in chunks (one per partition for row stages): each is recorded at
@@ -435,10 +437,7 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
             cols, err = stage_columns(stage)
             scorers = stage.needs_scores()
             if cols:
-                wanted = np.zeros(src.n, dtype=bool)
-                wanted[pos] = True
-                batches = ((bpos, pl.concat([src.base(bpos, scorers, err), batch], how="horizontal"))
-                           for bpos, batch in _gather(src.stream(wanted, cols), ROW_PARTITION))
+                batches = _gather(src.frames(pos, cols, scorers, err), ROW_PARTITION)
             else:
                 batches = ((pos[s:s + ROW_PARTITION], src.base(pos[s:s + ROW_PARTITION], scorers, err))
                            for s in range(0, len(pos), ROW_PARTITION))

@@ -103,11 +103,6 @@ def _normalise_parsed(u: pl.Series, alts: str) -> pl.Series:
     return pl.select(pl.when(pl.lit(u.is_null() | (u == ""))).then(None).otherwise(pl.lit(out))).to_series()
 
 
-def normalise_url_expr(url: pl.Expr, tracking: Sequence[str] = TRACKING_PARAMS) -> pl.Expr:
-    """Polars expression for the normalised URL (`normalise_urls`); null for null/empty."""
-    return url.map_batches(lambda s: normalise_urls(s, tracking), return_dtype=pl.Utf8)
-
-
 def normalised_key(frame: pl.DataFrame, key: str) -> pl.Series:
     """The normalised value of a key other than `uid` for each row; null where it is null or empty."""
     if key == "url":
