@@ -411,8 +411,10 @@ def uid_ranks(uids: pl.Series) -> np.ndarray:
 
 
 def inverse_permutation(perm: np.ndarray) -> np.ndarray:
-    inv = np.empty(len(perm), dtype=np.int64)
-    inv[perm] = np.arange(len(perm), dtype=np.int64)
+    """int32 (int64 beyond 2**31 rows) inverse of a permutation of 0..n-1."""
+    dt = np.int32 if len(perm) < 2**31 else np.int64
+    inv = np.empty(len(perm), dtype=dt)
+    inv[perm] = np.arange(len(perm), dtype=dt)
     return inv
 
 
@@ -421,8 +423,23 @@ class UidOrder:
     order, so a cache entry (keyed by the uid-set fingerprint) fits any order of the same pool."""
 
     def __init__(self, uids: pl.Series):
-        self.rank = uid_ranks(uids)
+        self.uids = uids
+        self._rank: np.ndarray | None = None
         self._inv: np.ndarray | None = None
+
+    @property
+    def rank(self) -> np.ndarray:
+        """Rank of each row's uid among the rows' uids (computed on first use)."""
+        if self._rank is None:
+            self._rank = uid_ranks(self.uids)
+        return self._rank
+
+    def tiebreak(self) -> np.ndarray:
+        """An array that orders the rows like their uids: integer uids themselves (no copy),
+        else the ranks."""
+        if self.uids.dtype.is_integer() and not self.uids.null_count():
+            return self.uids.to_numpy()
+        return self.rank
 
     @property
     def inverse(self) -> np.ndarray:
@@ -505,9 +522,12 @@ def clustering_for_stage(inp, spec: ClusterSpec, *, order: UidOrder | None = Non
     2. cache: `inp.cache` (the runner's array store) holds `clustering-<spec key>-<uid-set
        fingerprint>`, stored in uid order;
     3. computed with `spec` from the stage's embeddings, then put in `inp.cache`.
-    """
-    from . import console
 
+    Before all of these: a clustering the runner put in `inp.clusterings` under `spec.key()`.
+    """
+    held = getattr(inp, "clusterings", None) or {}
+    if spec.key() in held:  # the runner's pool clustering, restricted to this input
+        return held[spec.key()]
     frame = inp.frame
     order = order or UidOrder(frame["uid"])
     cache = getattr(inp, "cache", None)
@@ -536,12 +556,20 @@ def clustering_for_stage(inp, spec: ClusterSpec, *, order: UidOrder | None = Non
                                order.from_uid_order(got["dist"]).astype(np.float32), centroids,
                                int(centroids.shape[0]), "cache", key, {"key": key})
     view = inp.embedding(resolve_scorer(inp, spec.scorer, spec.kind), spec.kind)
-    with console.progress(transient=True) as bar:
-        task = bar.add_task(f"k-means (k={spec.k}): train, then assign", total=view.n)
-        res = spherical_kmeans(view, spec.k, niter=spec.niter, seed=spec.seed, sample_size=spec.sample_size,
-                               chunk_rows=chunk_rows, device=device, row_rank=order.rank,
-                               progress=lambda done: bar.update(task, completed=done))
+    res = compute_clustering(view, spec, order.rank, device=device, chunk_rows=chunk_rows)
     if cache is not None:
         cache_clustering(inp, spec, res.assignments, res.distances, res.centroids, order)
     return StageClustering(res.assignments, res.distances, res.centroids, res.k, "computed", key,
                            dict(res.params, key=key))
+
+
+def compute_clustering(view: EmbeddingView, spec: ClusterSpec, row_rank: np.ndarray | None, *,
+                       device: str | Device | None = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ClusterResult:
+    """`spherical_kmeans` with `spec`'s parameters, under a progress bar."""
+    from . import console
+
+    with console.progress(transient=True) as bar:
+        task = bar.add_task(f"k-means (k={spec.k}): train, then assign", total=view.n)
+        return spherical_kmeans(view, spec.k, niter=spec.niter, seed=spec.seed, sample_size=spec.sample_size,
+                                chunk_rows=chunk_rows, device=device, row_rank=row_rank,
+                                progress=lambda done: bar.update(task, completed=done))

@@ -63,15 +63,31 @@ class ShardEmbeddingView(EmbeddingView):
     """Embeddings for the rows of a frame with `shard_id` and `row_idx`, in frame order.
 
     Reads shard by shard through memory maps and copies each chunk out, so resident memory
-    stays at one chunk however large the pool.
+    stays at one chunk however large the pool. `at` builds one over positions of per-sample
+    shard/row columns the caller already holds (the prune runner's spine), without copying them.
     """
 
     def __init__(self, frame: pl.DataFrame, shard_refs: dict[int, EmbeddingRef], scorer: str = "", kind: str = ""):
-        self.shard_ids = frame["shard_id"].to_numpy()
-        self.row_idx = frame["row_idx"].to_numpy()
+        self._setup(frame["shard_id"].to_numpy(), frame["row_idx"].to_numpy(), None, len(frame), shard_refs,
+                    scorer, kind)
+
+    @classmethod
+    def at(cls, shard_ids, row_idx, pos: np.ndarray | None, shard_refs: dict[int, EmbeddingRef],
+           scorer: str = "", kind: str = "") -> "ShardEmbeddingView":
+        """Input row i is the sample at position pos[i] (i itself when pos is None) of the
+        `shard_ids` / `row_idx` columns (anything indexable by an int array)."""
+        view = cls.__new__(cls)
+        view._setup(shard_ids, row_idx, pos, len(shard_ids) if pos is None else len(pos), shard_refs, scorer, kind)
+        return view
+
+    def _setup(self, shard_ids, row_idx, pos, n: int, shard_refs, scorer: str, kind: str) -> None:
+        self.shard_ids, self.row_idx, self.pos, self.n = shard_ids, row_idx, pos, n
         self.refs = shard_refs
-        self.n = len(frame)
-        missing = set(np.unique(self.shard_ids).tolist()) - set(shard_refs)
+        present: set[int] = set()
+        for s in range(0, n, 1 << 20):  # a chunk at a time: no n-sized temporaries
+            sel = np.arange(s, min(n, s + (1 << 20)))
+            present.update(np.unique(shard_ids[sel if pos is None else pos[sel]]).tolist())
+        missing = present - set(shard_refs)
         if missing:
             raise UsageError(f"no {kind} embeddings of scorer {scorer!r} for {len(missing)} shard(s) "
                              f"(e.g. shard {min(missing)}); run `curate score` first")
@@ -80,8 +96,9 @@ class ShardEmbeddingView(EmbeddingView):
 
     def _gather(self, sel: np.ndarray) -> np.ndarray:
         out = np.empty((len(sel), self.dim), dtype=np.float32)
-        sid = self.shard_ids[sel]
-        rows = self.row_idx[sel]
+        at = sel if self.pos is None else self.pos[sel]
+        sid = np.asarray(self.shard_ids[at])
+        rows = np.asarray(self.row_idx[at])
         order = np.argsort(sid, kind="stable")
         sid_sorted = sid[order]
         bounds = np.flatnonzero(np.diff(sid_sorted)) + 1

@@ -20,11 +20,12 @@ import numpy as np
 import polars as pl
 
 from .. import console
-from ..embeddings import open_view
+from ..embeddings import ShardEmbeddingView, refs
 from ..errors import CurateError, UsageError
 from ..recipes import Recipe
 from ..stages.base import DECISION_COLUMNS, Stage, StageInput, get_stage
 from ..workspace import atomic_path, atomic_save_npy
+from .runs import RunArray, RunInverse
 
 ROW_PARTITION = 1_000_000
 
@@ -129,17 +130,16 @@ class PoolSource:
             "shard_id::INTEGER AS shard_id, row_idx::INTEGER AS row_idx FROM samples WHERE status = 'ok' "
             "ORDER BY shard_id, row_idx, rid").to_arrow_table()
         self.n = spine.num_rows
-        rid = spine.column("rid").to_numpy()
-        self.rid = rid.astype(np.int32) if self.n and rid.max() < 2**31 - 1 else rid
-        self.rank = spine.column("rank").to_numpy()
-        self.shard_id = spine.column("shard_id").to_numpy()
-        self.row_idx = spine.column("row_idx").to_numpy()
-        del spine, rid
+        # shard_id, row_idx and row id fall into runs in this order (RunArray: a pair per run)
+        self.rid = RunArray(spine.column("rid").to_numpy().astype(np.int32 if self.n < 2**31 - 1 else np.int64), 1)
+        self.shard_id = RunArray(spine.column("shard_id").to_numpy(), 0)
+        self.row_idx = RunArray(spine.column("row_idx").to_numpy(), 1)
+        self.rank = spine.column("rank").to_numpy().copy()  # a permutation: 4 bytes a sample
+        del spine
         import pyarrow as pa
 
         pa.default_memory_pool().release_unused()  # the spine query's result buffers
-        self.pos_of_rid = np.full(int(self.rid.max()) + 1 if self.n else 0, -1, dtype=np.int32)
-        self.pos_of_rid[self.rid] = np.arange(self.n, dtype=np.int32)
+        self.pos_of_rid = RunInverse(self.rid)
         self._pos_of_rank: np.ndarray | None = None
         cnt, x, sm = manifest.one("SELECT count(*), bit_xor(hash(uid)), sum(hash(uid)::HUGEINT) FROM samples "
                                   "WHERE status = 'ok'")
@@ -189,21 +189,23 @@ class PoolSource:
         hit = self.err_pos[i] == pos
         return self.err_detail.gather(pl.select(pl.when(pl.Series(hit)).then(pl.Series(i))).to_series())
 
-    def base(self, pos: np.ndarray, scorers=(), decode_error: bool = False) -> pl.DataFrame:
-        """uid (rank), shard_id, row_idx, the given scores (and decode_error) of these positions."""
-        cols = [pl.Series("uid", self.rank[pos]), pl.Series("shard_id", self.shard_id[pos]),
-                pl.Series("row_idx", self.row_idx[pos])]
-        cols += [self.scores[sc].gather(pos) for sc in scorers]
-        if decode_error:
+    def base(self, pos: np.ndarray, want: "Wants | None" = None) -> pl.DataFrame:
+        """uid (rank) of these positions, and what `want` asks of the spine: shard_id and row_idx,
+        scores, decode_error (all of it when want is None)."""
+        cols = [pl.Series("uid", self.rank[pos])]
+        if want is None or want.location:
+            cols += [pl.Series("shard_id", self.shard_id[pos]), pl.Series("row_idx", self.row_idx[pos])]
+        cols += [self.scores[sc].gather(pos) for sc in (want.scorers if want else ())]
+        if want is not None and want.decode_error:
             cols.append(self.decode_error(pos))
         return pl.DataFrame(cols)
 
-    def frames(self, pos: np.ndarray, columns: list[str], scorers=(), decode_error: bool = False):
-        """(positions, frame) batches covering `pos`: `base` columns beside the streamed `columns`."""
+    def frames(self, pos: np.ndarray, want: "Wants"):
+        """(positions, frame) batches covering `pos`: `base` columns beside the streamed columns."""
         wanted = np.zeros(self.n, dtype=bool)
         wanted[pos] = True
-        for bpos, batch in self.stream(wanted, columns):
-            yield bpos, pl.concat([self.base(bpos, scorers, decode_error), batch], how="horizontal")
+        for bpos, batch in self.stream(wanted, want.columns):
+            yield bpos, pl.concat([self.base(bpos, want), batch], how="horizontal")
 
     def stream(self, wanted: np.ndarray, columns: list[str]):
         """(positions, frame of `columns`) for the wanted positions (a boolean mask over the pool),
@@ -226,29 +228,39 @@ class PoolSource:
             cur.close()
 
 
-def stage_columns(stage: Stage) -> tuple[list[str], bool]:
-    """(sample columns to stream, whether decode_error is wanted) for a stage."""
+@dataclass(frozen=True)
+class Wants:
+    """What a stage's frame holds besides `uid`: sample columns streamed from the manifest,
+    scores, decode_error, and shard_id/row_idx (`location`)."""
+
+    columns: list[str]
+    scorers: list[str]
+    decode_error: bool
+    location: bool
+
+
+def stage_wants(stage: Stage) -> Wants:
     want = stage.needs_columns()
     if want is None:
-        return list(SAMPLE_COLUMNS), True
-    return [c for c in SAMPLE_COLUMNS if c in want], "decode_error" in want
+        return Wants(list(SAMPLE_COLUMNS), stage.needs_scores(), True, True)
+    return Wants([c for c in SAMPLE_COLUMNS if c in want], stage.needs_scores(), "decode_error" in want,
+                 "shard_id" in want or "row_idx" in want)
 
 
 def stage_frame(src: PoolSource, stage: Stage, pos: np.ndarray) -> pl.DataFrame:
     """A global stage's input for these positions (sorted), with the columns it needs, in position
     order. Long columns are streamed and passed through `stage.condense` batch by batch."""
-    cols, err = stage_columns(stage)
-    scorers = stage.needs_scores()
-    if not cols:
-        return src.base(pos, scorers, err)
+    want = stage_wants(stage)
+    if not want.columns:
+        return src.base(pos, want)
     parts, where = [], []
-    for bpos, b in src.frames(pos, cols, scorers, err):
+    for bpos, b in src.frames(pos, want):
         parts.append(stage.condense(b))
         where.append(bpos)
     if not parts:  # no rows: the columns with their manifest types
-        sel = ", ".join(f'"{c}"' for c in cols)
+        sel = ", ".join(f'"{c}"' for c in want.columns)
         return stage.condense(pl.concat(
-            [src.base(pos, scorers, err), pl.from_arrow(src.m.con.sql(f"SELECT {sel} FROM samples LIMIT 0").to_arrow_table())],
+            [src.base(pos, want), pl.from_arrow(src.m.con.sql(f"SELECT {sel} FROM samples LIMIT 0").to_arrow_table())],
             how="horizontal"))
     frame = pl.concat(parts, how="vertical_relaxed")
     at = np.concatenate(where)
@@ -304,6 +316,7 @@ def load_pool(manifest, scorers: list[str]) -> PoolSource:
 
 def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, budget, record: bool) -> dict:
     n_pool = src.n
+    pos_dtype = np.int32 if n_pool < 2**31 else np.int64
     alive = np.ones(n_pool, dtype=bool)
     n_alive = n_pool
     clustering_pool = _Pool(src)
@@ -325,12 +338,11 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 if b > n_alive:
                     warnings.append(f"budget {b:,} exceeds the {n_alive:,} samples that reach {sid}; all are kept")
             over_pool = stage._apply_to == "pool"
-            pos = np.arange(n_pool) if over_pool else np.flatnonzero(alive)
+            pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(pos_dtype, copy=False)
             run = _apply(sid, stage, src, pos, manifest, recipe.seed, b, cache,
                          None if over_pool else clustering_pool)
             # Decisions arrive in chunks (one per partition for row stages): each is recorded at
             # once, so a row stage never holds the decisions of the whole pool.
-            dropped: list[np.ndarray] = []
             reasons: dict = {}
             n_seen = n_kept = n_kept_pool = 0
             for dec, dec_pos in run:
@@ -343,9 +355,10 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 n_kept += int(keep.sum())
                 for r, c in dec.filter(~pl.col("keep")).group_by("reason").len().iter_rows():
                     reasons[r] = reasons.get(r, 0) + c
-                dropped.append(dec_pos[~keep])
                 if record:
                     _record_decisions(manifest, src, run_id, idx, sid, dec, dec_pos)
+                # later chunks never hold these positions, and `pos` was taken before the stage
+                alive[dec_pos[~keep]] = False
                 del dec, dec_pos, keep
             stats, artefacts = run.stats, run.artefacts
             if n_seen != n_alive:
@@ -367,10 +380,8 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 from ..stages import langid
 
                 langid.clear_memo()  # up to MEMO_MAX captions nobody will ask about again
-            for d in dropped:
-                alive[d] = False
             n_alive = n_kept
-            del dropped
+            src._pos_of_rank = None  # 4 bytes a sample; rebuilt if a later stage needs it
             bar.advance(task)
     for w in warnings:
         console.warn(w)
@@ -386,12 +397,16 @@ def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str
     ref_rank = dec["ref_uid"].dtype == dec["uid"].dtype and dec["ref_uid"].null_count() < dec.height
     ref_sql, ref_join = (("r.uid", "LEFT JOIN samples r ON r.rowid = d._ref") if ref_rank
                          else ("d.ref_uid::VARCHAR", ""))
-    sql = ("INSERT INTO decisions (run_id, stage_idx, stage, uid, keep, reason, value, threshold, ref_uid, detail) "
-           f"SELECT {int(run_id)}, {int(idx)}, ?, p.uid, d.keep, d.reason, d.value, d.threshold, {ref_sql}, d.detail "
-           f"FROM _curate_dec d JOIN samples p ON p.rowid = d._rid {ref_join} ORDER BY d._i")
     for start in range(0, dec.height, WRITE_CHUNK):
         part = dec.slice(start, WRITE_CHUNK)
-        cols = [pl.Series("_rid", src.rid[pos[start:start + WRITE_CHUNK]])]
+        rid = src.rid[pos[start:start + WRITE_CHUNK]]
+        # the rows' row-id range: DuckDB then reads only the row groups that hold them
+        sql = ("INSERT INTO decisions (run_id, stage_idx, stage, uid, keep, reason, value, threshold, ref_uid, "
+               f"detail) SELECT {int(run_id)}, {int(idx)}, ?, p.uid, d.keep, d.reason, d.value, d.threshold, "
+               f"{ref_sql}, d.detail FROM _curate_dec d JOIN samples p ON p.rowid = d._rid {ref_join} "
+               f"WHERE p.rowid BETWEEN {int(rid.min()) if len(rid) else 0} AND {int(rid.max()) if len(rid) else -1} "
+               "ORDER BY d._i")
+        cols = [pl.Series("_rid", rid)]
         if ref_rank:
             ref = part["ref_uid"]
             has = ref.is_not_null().to_numpy()
@@ -408,11 +423,57 @@ def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str
 
 class _Pool:
     """The run's starting pool as clustering stages see it: the samples that have embeddings
-    (positions with decodable images), and the hash of their uid set, computed once per run."""
+    (decodable images), in uid-rank order. Each clustering of it is computed once and cached in
+    WS/cache (arrays in that order) across runs; stages get it restricted to their input."""
 
     def __init__(self, src: PoolSource):
         self.src = src
-        self.fingerprint: str | None = None
+        self.all_decodable = bool(src.decodable.all())
+        self._fingerprint: str | None = None
+        self._drank: np.ndarray | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from ..stages.base import bitmap_fingerprint
+
+            bits = (np.ones(self.src.n, dtype=bool) if self.all_decodable
+                    else self.src.decodable[self.src.pos_of_rank])
+            self._fingerprint = bitmap_fingerprint(bits, self.src.pool_key)
+        return self._fingerprint
+
+    def index(self, pos: np.ndarray) -> np.ndarray:
+        """Row of each position's sample in the pool clustering's arrays."""
+        r = self.src.rank[pos]
+        if self.all_decodable:
+            return r
+        if self._drank is None:
+            self._drank = np.cumsum(self.src.decodable[self.src.pos_of_rank], dtype=np.int32) - 1
+        return self._drank[r]
+
+    def clustering(self, stage: Stage, spec, manifest, cache) -> tuple[dict, str]:
+        """(arrays cluster/dist/centroids in pool order, 'cache' | 'computed') for `spec`."""
+        from ..cluster import compute_clustering
+        from ..embeddings import ShardEmbeddingView, refs
+
+        key = f"clustering-{spec.key()}-{self.fingerprint()}"
+        got = cache.get(key)
+        if got is not None:
+            return got, "cache"
+        src = self.src
+        pos = None if self.all_decodable else np.flatnonzero(src.decodable).astype(np.int32)
+        view = ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, spec.scorer, spec.kind),
+                                     spec.scorer, spec.kind)
+        row = self.index(np.arange(src.n) if pos is None else pos)
+        res = compute_clustering(view, spec, row, device=getattr(stage, "device", "auto"))
+        del view, pos
+        arrays = {}
+        for name, a in (("cluster", res.assignments), ("dist", res.distances)):
+            arrays[name] = np.empty_like(a)
+            arrays[name][row] = a
+        res.assignments = res.distances = row = None
+        arrays["centroids"] = res.centroids
+        cache.put(key, arrays)
+        return arrays, "computed"
 
 
 class _StageRun:
@@ -434,12 +495,11 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
     others in one call."""
     if stage.scope == "row" and not stage.needs_embeddings():
         def row_chunks(run):
-            cols, err = stage_columns(stage)
-            scorers = stage.needs_scores()
-            if cols:
-                batches = _gather(src.frames(pos, cols, scorers, err), ROW_PARTITION)
+            want = stage_wants(stage)
+            if want.columns:
+                batches = _gather(src.frames(pos, want), ROW_PARTITION)
             else:
-                batches = ((pos[s:s + ROW_PARTITION], src.base(pos[s:s + ROW_PARTITION], scorers, err))
+                batches = ((pos[s:s + ROW_PARTITION], src.base(pos[s:s + ROW_PARTITION], want))
                            for s in range(0, len(pos), ROW_PARTITION))
             for bpos, frame in batches:
                 res = stage.apply(StageInput(frame, {}, seed, budget, cache, pool_key=src.pool_key))
@@ -448,10 +508,11 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
 
     def global_chunks(run):
         frame = stage_frame(src, stage, pos)
-        views = {(sc, kind): open_view(manifest, frame, sc, kind) for sc, kind in stage.needs_embeddings()}
+        views = {(sc, kind): ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, sc, kind), sc, kind)
+                 for sc, kind in stage.needs_embeddings()}
         inp = StageInput(frame, views, seed, budget, cache, pool_key=src.pool_key)
         if pool is not None and hasattr(stage, "cluster_spec") and frame.height:
-            _share_pool_clustering(stage, inp, pool, pos, manifest, seed, cache)
+            _share_pool_clustering(stage, inp, pool, pos, manifest, cache)
         res = stage.apply(inp)
         run.stats, run.artefacts, chunks = res.stats, res.artefacts, res.decision_chunks()
         uid = frame["uid"]
@@ -494,11 +555,11 @@ def _positions(sid: str, src: PoolSource, frame: pl.DataFrame, pos: np.ndarray, 
     return dec, src.pos_of_rank[dec["uid"].to_numpy()].astype(np.int64)
 
 
-def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.ndarray, manifest, seed: int,
-                           cache) -> None:
+def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.ndarray, manifest, cache) -> None:
     """Cluster the run's whole pool once (cached across runs) and hand the stage that clustering
-    restricted to its input, so a new eps, budget or upstream filter never re-clusters."""
-    from ..cluster import cache_clustering, clustering_for_stage
+    restricted to its input (`inp.clusterings`), so a new eps, budget or upstream filter never
+    re-clusters."""
+    from ..cluster import StageClustering
 
     src = pool.src
     spec = stage.cluster_spec(inp)
@@ -506,18 +567,16 @@ def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.n
     if bad:
         raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have none "
                          f"(undecodable images); put a decode_failures stage before it")
-    base_pos = np.flatnonzero(src.decodable)
-    base = src.base(base_pos)
-    views = {(sc, kind): open_view(manifest, base, sc, kind) for sc, kind in stage.needs_embeddings()}
-    pool_inp = StageInput(base, views, seed, None, cache, pool_key=src.pool_key, _fingerprint=pool.fingerprint)
-    pc = clustering_for_stage(pool_inp, spec, need_centroids=True)
-    pool.fingerprint = pool_inp.fingerprint()
-    if len(pos) == len(base_pos):  # the stage sees the whole pool: it finds that clustering in the cache
-        inp._fingerprint = pool.fingerprint
-        return
-    del views, pool_inp
-    idx = np.cumsum(src.decodable, dtype=np.int32 if src.n < 2**31 else np.int64)[pos] - 1
-    cache_clustering(inp, spec, pc.cluster[idx], pc.dist[idx], pc.centroids)
+    arrays, source = pool.clustering(stage, spec, manifest, cache)
+    idx = pool.index(pos)
+    cluster = np.asarray(arrays["cluster"][idx], dtype=np.int32)
+    dist = np.asarray(arrays["dist"][idx], dtype=np.float32)
+    centroids = np.array(arrays["centroids"], dtype=np.float32)
+    del arrays, idx
+    ident = f"clustering-{spec.key()}-{inp.fingerprint()}"
+    inp.clusterings[spec.key()] = StageClustering(cluster, dist, centroids, int(centroids.shape[0]), source, ident,
+                                                  {"key": ident, "pool_clustering": f"clustering-{spec.key()}-"
+                                                                                    f"{pool.fingerprint()}"})
 
 
 def _save_artefacts(run_dir: Path | None, sid: str, artefacts: dict) -> None:

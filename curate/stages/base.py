@@ -114,10 +114,10 @@ class ArrayEmbeddings(EmbeddingView):
 class StageInput:
     """What a stage sees.
 
-    frame: surviving samples. Always has `uid` (an opaque ordered key, see the module docstring),
-        `shard_id` and `row_idx`; the runner adds the sample columns the stage names in
-        `needs_columns()` (`url`, `caption`, `width`, `height`, `sha256`, `image_bytes`,
-        `decode_error`, ...; all of them when it names none) and one float column per score it
+    frame: surviving samples. Always has `uid` (an opaque ordered key, see the module docstring);
+        the runner adds the sample columns the stage names in `needs_columns()` (`url`,
+        `caption`, `width`, `height`, `sha256`, `image_bytes`, `decode_error`, `shard_id`,
+        `row_idx`, ...; all of them when it names none) and one float column per score it
         needs, named `score__<scorer>` (e.g. `score__datacomp-l14`).
     embeddings: (scorer, kind) -> EmbeddingView, kind 'img' | 'txt' | 'img_flip'.
     seed: the run's seed.
@@ -136,22 +136,18 @@ class StageInput:
     # What integer uids are ranks in (the runner's hash of the pool's uid strings): part of the
     # fingerprint, so the same ranks of a different pool never share a cache entry.
     pool_key: str | None = None
+    # Clusterings the runner already has for this input (the pool's, restricted to these rows),
+    # by `ClusterSpec.key()`: `curate.cluster.clustering_for_stage` returns them before looking
+    # in the cache, so a stage never re-reads or re-sorts what the runner holds.
+    clusterings: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def fingerprint(self) -> str:
-        """A short hash of the input uid set (order-independent), for cache keys; computed once."""
+        """A short hash of the input uid set (order-independent), for cache keys; computed once.
+        Integer uids (the runner's ranks) are hashed as a bitmap over the ranks: a bit a pool
+        sample, no sort."""
         if self._fingerprint is None:
-            import hashlib
-
-            h = hashlib.sha256()
-            uids = self.frame["uid"].sort()
-            if uids.dtype.is_integer():
-                h.update(f"ranks of {self.pool_key}\n".encode())
-                h.update(uids.cast(pl.UInt64).to_numpy().tobytes())
-            else:
-                for start in range(0, len(uids), 1 << 20):
-                    h.update("\n".join(uids.slice(start, 1 << 20).cast(pl.Utf8).to_list()).encode())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = set_fingerprint(self.frame["uid"], self.pool_key)
         return self._fingerprint
 
     def embedding(self, scorer: str, kind: str = "img") -> EmbeddingView:
@@ -161,6 +157,37 @@ class StageInput:
             have = ", ".join(f"{s}:{k}" for s, k in self.embeddings) or "none"
             from ..errors import UsageError
             raise UsageError(f"stage needs {kind} embeddings of scorer {scorer!r}; available: {have}") from None
+
+
+def set_fingerprint(uids: pl.Series, pool_key: str | None = None) -> str:
+    """A short order-independent hash of a set of uids (unique): integer ranks as a bitmap over
+    0..max (with the `pool_key` they are ranks of), strings sorted and joined."""
+    import hashlib
+
+    if uids.dtype.is_integer() and (not len(uids) or uids.min() >= 0):
+        bits = np.zeros(int(uids.max()) + 1 if len(uids) else 0, dtype=bool)
+        bits[uids.to_numpy()] = True
+        return bitmap_fingerprint(bits, pool_key)
+    h = hashlib.sha256()
+    if uids.dtype.is_integer():
+        h.update(f"ranks of {pool_key}\n".encode())
+        h.update(uids.sort().cast(pl.Int64).to_numpy().tobytes())
+    else:
+        uids = uids.sort()
+        for start in range(0, len(uids), 1 << 20):
+            h.update("\n".join(uids.slice(start, 1 << 20).cast(pl.Utf8).to_list()).encode())
+    return h.hexdigest()[:16]
+
+
+def bitmap_fingerprint(bits: np.ndarray, pool_key: str | None = None) -> str:
+    """`set_fingerprint` of the ranks where `bits` is set (trailing unset bits do not count)."""
+    import hashlib
+
+    bits = bits[:len(bits) - int(np.argmax(bits[::-1]))] if bits.any() else bits[:0]
+    h = hashlib.sha256()
+    h.update(f"rank bitmap of {pool_key}\n".encode())
+    h.update(np.packbits(bits).tobytes())
+    return h.hexdigest()[:16]
 
 
 DECISION_CHUNK = 1 << 20
@@ -226,9 +253,9 @@ class Stage:
         return []
 
     def needs_columns(self) -> list[str] | None:
-        """Sample columns (`caption`, `url`, `sha256`, `width`, `decode_error`, ...) the stage reads,
-        besides `uid`, `shard_id`, `row_idx` and its scores, which it always gets. None (the
-        default) means all of them; built-in stages name theirs, so the runner loads no more."""
+        """Sample columns (`caption`, `url`, `sha256`, `width`, `decode_error`, `shard_id`,
+        `row_idx`, ...) the stage reads, besides `uid` and its scores, which it always gets. None
+        (the default) means all of them; built-in stages name theirs, so the runner loads no more."""
         return None
 
     def condense(self, frame: pl.DataFrame) -> pl.DataFrame:

@@ -49,12 +49,14 @@ KEEP_SSP = ("hard", "easy")
 # ---------------------------------------------------------------------------------------------
 
 def cluster_distances(cluster: np.ndarray, dist: np.ndarray, centroids: np.ndarray,
-                      l_nearest: int = 20, block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      l_nearest: int = 20, block: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sizes, d_intra, d_inter) per centroid; NaN for empty clusters (and d_inter when fewer
     than two clusters are non-empty). Neighbours are the other non-empty clusters."""
     k = int(centroids.shape[0])
     sizes = np.bincount(cluster, minlength=k).astype(np.int64)
-    sums = np.bincount(cluster, weights=dist.astype(np.float64), minlength=k)
+    sums = np.zeros(k)
+    for s in range(0, len(cluster), 1 << 20):  # float64 weights a chunk at a time
+        sums += np.bincount(cluster[s:s + (1 << 20)], weights=dist[s:s + (1 << 20)].astype(np.float64), minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):
         d_intra = np.where(sizes > 0, sums / np.maximum(sizes, 1), np.nan)
     d_inter = np.full(k, np.nan)
@@ -62,6 +64,7 @@ def cluster_distances(cluster: np.ndarray, dist: np.ndarray, centroids: np.ndarr
     l = min(int(l_nearest), len(active) - 1)
     if l >= 1:
         ca = np.ascontiguousarray(centroids[active], dtype=np.float32)
+        block = block or max(1, (1 << 21) // len(active))  # 2M similarities (16 MiB as float64) a block
         for s in range(0, len(active), block):
             sims = (ca[s:s + block] @ ca.T).astype(np.float64)
             sims[np.arange(len(sims)), np.arange(s, s + len(sims))] = -np.inf  # not its own neighbour
@@ -194,18 +197,50 @@ def dbp_allocate(sizes: np.ndarray, shares: np.ndarray, budget: int, lb_ratio: f
 def rank_within(cluster: np.ndarray, key: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     """Rank of each sample within its cluster by key descending (ties: tiebreak, then position)."""
     n = len(cluster)
-    order = np.lexsort((tiebreak, -np.asarray(key, dtype=np.float64), cluster))  # stable: then position
-    sc = cluster[order]
-    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if n else np.zeros(0, np.int64)
-    sizes = np.diff(np.r_[starts, n])
+    order, first = cluster_sorted(cluster, key, tiebreak, int(cluster.max()) + 1 if n else 0)
     rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - np.repeat(starts, sizes)
+    rank[order] = np.arange(n) - first[cluster[order]]
     return rank
 
 
+def cluster_sorted(cluster: np.ndarray, key: np.ndarray, tiebreak: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, first): positions sorted by cluster, then key descending, then tiebreak, then
+    position; and the offset in that order where each of the k clusters starts (k + 1 values).
+    The key is negated in its own type (exact for floats and integers alike)."""
+    order = np.lexsort((tiebreak, -np.asarray(key), cluster))  # stable: then position
+    first = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(np.bincount(cluster, minlength=k), out=first[1:])
+    return order, first
+
+
+def select_in_clusters(cluster: np.ndarray, key: np.ndarray, tiebreak: np.ndarray,
+                       quota: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, cut): the quota[c] samples of each cluster c with the largest key (ties: tiebreak,
+    then position), and per cluster the smallest kept key (NaN where none is kept). Memory: the
+    sort order and a byte a sample, no per-sample ranks."""
+    n, k = len(cluster), len(quota)
+    order, first = cluster_sorted(cluster, key, tiebreak, k)
+    q = np.minimum(np.asarray(quota, dtype=np.int64), np.diff(first))
+    # kept = the first q[c] entries of each cluster's run in `order`: +1 / -1 at run edges, summed
+    edge = np.zeros(n + 1, dtype=np.int8)
+    np.add.at(edge, first[:-1][q > 0], 1)
+    np.add.at(edge, (first[:-1] + q)[q > 0], -1)
+    in_order = np.cumsum(edge[:n], dtype=np.int8).view(bool)
+    del edge
+    keep = np.zeros(n, dtype=bool)
+    for s in range(0, n, 1 << 20):
+        keep[order[s:s + (1 << 20)][in_order[s:s + (1 << 20)]]] = True
+    cut = np.full(k, np.nan)
+    has = np.flatnonzero(q > 0)
+    cut[has] = np.asarray(key)[order[first[has] + q[has] - 1]]
+    return keep, cut
+
+
 def random_keys(tiebreak: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded random key per sample that depends on its uid rank, not on input order."""
-    return np.random.default_rng(seed).permutation(len(tiebreak))[tiebreak].astype(np.float64)
+    """A seeded random key per sample (a permutation of 0..n-1) that depends on its uid rank, not
+    on input order."""
+    n = len(tiebreak)
+    return np.random.default_rng(seed).permutation(n)[tiebreak].astype(np.int32 if n < 2**31 else np.int64)
 
 
 def top_global(key: np.ndarray, count: int, tiebreak: np.ndarray) -> np.ndarray:
@@ -218,16 +253,6 @@ def top_global(key: np.ndarray, count: int, tiebreak: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _cut_per_cluster(cluster: np.ndarray, value: np.ndarray, keep: np.ndarray, k: int, hard: bool) -> np.ndarray:
-    """Per cluster the boundary value of the kept samples (min for hard, max for easy); NaN if none kept."""
-    out = np.full(k, np.nan)
-    if keep.any():
-        frame = pl.DataFrame({"c": cluster[keep], "v": value[keep].astype(np.float64)})
-        agg = frame.group_by("c").agg(pl.col("v").min() if hard else pl.col("v").max())
-        out[agg["c"].to_numpy()] = agg["v"].to_numpy()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
@@ -235,12 +260,15 @@ def _cut_per_cluster(cluster: np.ndarray, value: np.ndarray, keep: np.ndarray, k
 def _decisions(uids: pl.Series, keep: np.ndarray, reason: str, value: np.ndarray | None = None,
                threshold: np.ndarray | float | None = None, detail=None) -> dict:
     """StageResult arguments for these decisions, built a chunk of rows at a time: `value` and
-    `threshold` are float arrays (NaN: null) or a scalar, `detail(start, stop)` gives the detail
-    strings of those rows."""
+    `threshold` are float arrays (NaN: null), functions (start, stop) -> such an array for those
+    rows, or a scalar; `detail(start, stop)` gives the detail strings of those rows."""
     def build(start: int, stop: int) -> pl.DataFrame:
         m = stop - start
 
         def col(v):
+            if callable(v):
+                v = v(start, stop)
+                return pl.Series(np.asarray(v, dtype=np.float64), dtype=pl.Float64).fill_nan(None)
             if isinstance(v, np.ndarray):
                 return pl.Series(v[start:stop], dtype=pl.Float64).fill_nan(None)
             return const_column(v, m, pl.Float64)
@@ -338,11 +366,11 @@ class DensityBasedPruning(_ClusteredBudgetStage):
         comp = complexity(d_intra, d_inter, active)
         shares = softmax_shares(comp, self.tau, active)
         alloc = dbp_allocate(sizes, shares, budget, self.lb_ratio)
-        tb = order.rank
+        tb = order.rank if self.keep == "random" else order.tiebreak()
         if self.keep == "hard":
-            key = clu.dist.astype(np.float64)
+            key = clu.dist  # float32: negated exactly by the sort
         elif self.keep == "easy":
-            key = -clu.dist.astype(np.float64)
+            key = -clu.dist
         elif self.keep == "random":
             key = random_keys(tb, seed)
         else:
@@ -350,24 +378,24 @@ class DensityBasedPruning(_ClusteredBudgetStage):
             if col not in frame.columns:
                 raise UsageError(f"dbp: keep='score' needs column {col!r}")
             key = frame[col].cast(pl.Float64).fill_null(-np.inf).fill_nan(-np.inf).to_numpy()
-        rank = rank_within(clu.cluster, key, tb)
-        keep = rank < alloc.quota[clu.cluster]
-        cut = _cut_per_cluster(clu.cluster, key, keep, clu.k, hard=True)
-        thr = cut[clu.cluster]
+        keep, cut = select_in_clusters(clu.cluster, key, tb, alloc.quota)
         if self.keep == "easy":
-            thr = -thr  # back to distance units: kept iff centroid_dist <= threshold
-        if self.keep == "random":
-            thr = np.full(n, np.nan)
-        value = clu.dist.astype(np.float64) if self.keep != "score" else key
-        value = np.where(np.isfinite(value), value, np.nan)
+            cut = -cut  # back to distance units: kept iff centroid_dist <= threshold
+        elif self.keep == "random":
+            cut[:] = np.nan
+        value = clu.dist if self.keep != "score" else key
+
+        def value_of(s: int, e: int) -> np.ndarray:
+            v = value[s:e].astype(np.float64)
+            return np.where(np.isfinite(v), v, np.nan)
         per_cluster = pl.DataFrame({
             "cluster": np.arange(clu.k, dtype=np.int32), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
             "complexity": comp, "share": shares, "quota_real": alloc.real, "quota": alloc.quota,
         }).filter(pl.col("size") > 0)
         # short on purpose (<= 12 characters are stored inline, no string buffer per row);
         # the cluster's size, shares and quota are in the `dbp_clusters` artefact
-        dec = _decisions(uids, keep, "dbp_over_quota", value=np.asarray(value, dtype=np.float64),
-                         threshold=np.asarray(thr, dtype=np.float64),
+        dec = _decisions(uids, keep, "dbp_over_quota", value=value_of,
+                         threshold=lambda s, e: cut[clu.cluster[s:e]],
                          detail=lambda s, e: pl.select(pl.format("cluster={}", pl.Series(clu.cluster[s:e]))).to_series())
         artefacts = {"dbp_clusters": per_cluster}
         stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "k": clu.k, "k_active": int(active.sum()),
@@ -405,7 +433,7 @@ class PrototypePruning(_ClusteredBudgetStage):
         sizes = np.bincount(clu.cluster, minlength=clu.k)
         active = sizes > 0
         k_active = int(active.sum())
-        tb = order.rank
+        tb = order.tiebreak()
         key = clu.dist.astype(np.float64) if self.keep == "hard" else -clu.dist.astype(np.float64)
         notes = []
         by_floor = np.zeros(n, dtype=bool)

@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import UsageError
-from .base import DECISION_COLUMNS, Stage, StageInput, StageResult, decisions_frame, register_stage
+from .base import DECISION_COLUMNS, Stage, StageInput, StageResult, decisions_frame, in_chunks, register_stage
 
 KEYS = ("uid", "sha256", "url", "sha256_caption")
 POLICIES = ("first", "highest_score", "largest_image")
@@ -133,20 +133,35 @@ def hash128(values: pl.Series, names: Sequence[str]) -> list[pl.Series]:
             for seed, name in zip(HASH_SEEDS, names)]
 
 
-def group_runs(codes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(perm, start): a permutation putting equal code tuples next to each other (in no particular
-    order within a group), and start[i] True where permuted row i begins a new group."""
-    n = len(codes[0])
-    perm = np.argsort(codes[0])
-    srt = [c[perm] for c in codes]
-    same = srt[0][1:] == srt[0][:-1]
+def group_runs(codes: Sequence[np.ndarray], rows: np.ndarray | None = None,
+               stable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, start) over the rows `rows` of the code arrays (all rows when None): perm puts
+    equal code tuples next to each other (within a group in ascending row order when `stable`,
+    else in no particular order), start[i] is True where permuted row i begins a new group.
+
+    Sorts on the first code only and compares the others where first codes are equal; a 64-bit
+    collision there (equal first, different later codes) falls back to a sort on all of them.
+    Memory: the permutation and one sorted copy of the first code."""
+    def at(c: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return c[idx] if rows is None else c[rows[idx]]
+
+    first = codes[0] if rows is None else codes[0][rows]
+    perm = np.argsort(first, kind="stable" if stable else None)
+    srt = first[perm]
+    del first
+    same = srt[1:] == srt[:-1]
+    del srt
     if len(codes) > 1:
-        rest = np.logical_and.reduce([s[1:] == s[:-1] for s in srt[1:]])
-        if np.any(same & ~rest):  # equal first codes, different later ones (a 64-bit collision): sort on all
-            perm = np.lexsort(list(codes)[::-1])
-            srt = [c[perm] for c in codes]
-            same = np.logical_and.reduce([s[1:] == s[:-1] for s in srt])
-    start = np.ones(n, dtype=bool)
+        eq = np.flatnonzero(same)
+        for s in range(0, len(eq), 1 << 20):
+            i = eq[s:s + (1 << 20)]
+            if not all(np.array_equal(at(c, perm[i]), at(c, perm[i + 1])) for c in codes[1:]):
+                cols = [c if rows is None else c[rows] for c in codes]
+                perm = np.lexsort(cols[::-1])  # stable
+                srt = [c[perm] for c in cols]
+                same = np.logical_and.reduce([x[1:] == x[:-1] for x in srt])
+                break
+    start = np.ones(len(perm), dtype=bool)
     start[1:] = ~same
     return perm, start
 
@@ -238,8 +253,9 @@ class ExactDedup(Stage):
         hashes = [h for key in self._hashed_keys() for h in hash128(normalised_key(frame, key), hash_columns(key))]
         return frame.select(carried).with_columns(hashes)
 
-    def _priority_order(self, df: pl.DataFrame) -> np.ndarray:
-        """Row positions, the copy that should stay first: by policy, then (shard_id, row_idx), then input order."""
+    def _priority_order(self, df: pl.DataFrame) -> np.ndarray | None:
+        """Row positions, the copy that should stay first: by policy, then (shard_id, row_idx), then
+        input order; None when that is input order."""
         by: list[tuple[pl.Series, bool]] = []  # most significant first
         if self.policy == "highest_score":
             col = f"score__{self.score}"
@@ -256,7 +272,7 @@ class ExactDedup(Stage):
         by += [(df[c], False) for c in ("shard_id", "row_idx") if c in df.columns]
         keys = [k for s, desc in reversed(by) for k in lexsort_keys(s, desc)]
         if not keys or _lex_sorted(keys):  # the runner's rows come in (shard_id, row_idx) order
-            return np.arange(df.height)
+            return None
         return np.lexsort(keys)  # stable: input order last
 
     def _codes(self, df: pl.DataFrame, key: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -277,30 +293,44 @@ class ExactDedup(Stage):
         order = self._priority_order(df)
         alive = np.ones(n, dtype=bool)
         reason = np.zeros(n, dtype=np.int8)  # index into self.keys, for dropped rows
-        ref = np.zeros(n, dtype=np.int32 if n < 2**31 else np.int64)  # the copy that stayed, for dropped rows
-        size = np.zeros(n, dtype=np.float64)
+        idx_t = np.int32 if n < 2**31 else np.int64
+        ref = np.zeros(n, dtype=idx_t)  # the copy that stayed, for dropped rows
+        size = np.zeros(n, dtype=idx_t)  # its group's size, for dropped rows
         stats = {"n_in": n}
         for i, key in enumerate(self.keys):
             codes, valid = self._codes(df, key)
-            rows = order[alive[order] & valid[order]]  # candidates, best first
+            cand = alive & valid
+            rows = np.flatnonzero(cand) if order is None else order[cand[order]]  # candidates, best first
+            del cand, valid
             if len(rows) == 0:
                 stats[f"dropped_{key}"] = 0
                 continue
-            perm, start = group_runs([c[rows] for c in codes])
-            firsts = np.flatnonzero(start)
-            group = np.cumsum(start, dtype=np.int32 if len(start) < 2**31 else np.int64) - 1
-            sizes = np.diff(np.append(firsts, len(rows)))
-            best = np.minimum.reduceat(perm, firsts)  # per group, the index in rows of the copy that stays
-            dup = perm != best[group]
-            dropped, g = rows[perm[dup]], group[dup]
+            # stable: within a group rows stay best first, so each group's first copy stays
+            perm, start = group_runs(codes, rows, stable=True)
+            del codes
+            dup = np.flatnonzero(~start)
+            # the group's first row, for each duplicate: the last start at or before it
+            first_at = np.maximum.accumulate(np.where(start, np.arange(len(start), dtype=idx_t), 0))[dup]
+            del start
+            new = np.ones(len(first_at), dtype=bool)
+            new[1:] = first_at[1:] != first_at[:-1]
+            run = np.cumsum(new) - 1
+            dropped = rows[perm[dup]]
             alive[dropped] = False
-            reason[dropped], ref[dropped], size[dropped] = i, rows[best[g]], sizes[g]
+            reason[dropped] = i
+            ref[dropped] = rows[perm[first_at]]
+            size[dropped] = np.bincount(run)[run] + 1
             stats[f"dropped_{key}"] = len(dropped)
+            del perm, dup, first_at, new, run, dropped, rows
         stats["n_kept"] = int(alive.sum())
         uid = df["uid"]
-        gone = ~alive
+        del df
         names = pl.Series("reason", [f"duplicate_{k}" for k in self.keys], dtype=DECISION_COLUMNS["reason"])
-        dec = decisions_frame(uid, pl.Series(alive), reason=_where(gone, names.gather(reason)),
-                              value=_where(gone, pl.Series("value", size)),
-                              ref_uid=_where(gone, uid.gather(ref)).alias("ref_uid"))
-        return StageResult(dec, {}, stats)
+
+        def build(s: int, e: int) -> pl.DataFrame:
+            gone = ~alive[s:e]
+            return decisions_frame(uid.slice(s, e - s), pl.Series(alive[s:e]),
+                                   reason=_where(gone, names.gather(reason[s:e])),
+                                   value=_where(gone, pl.Series("value", size[s:e], dtype=pl.Float64)),
+                                   ref_uid=_where(gone, uid.gather(ref[s:e])).alias("ref_uid"))
+        return StageResult(None, {}, stats, chunks=in_chunks(n, build))

@@ -39,7 +39,7 @@ import numpy as np
 import polars as pl
 
 from .. import console
-from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, normalise_rows, short_hash
+from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, inverse_permutation, normalise_rows, short_hash
 from ..errors import UsageError
 from .base import EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, reason_where, register_stage
 
@@ -170,7 +170,7 @@ class SemDedupCache:
     dist: np.ndarray          # float32, distance to centroid (defines the order)
     rank: np.ndarray          # int32, position in the cluster order (0 = kept first)
     nn_sim: np.ndarray        # float32, NaN for the first sample of a cluster
-    nn_pos: np.ndarray        # int64 input position of that earlier neighbour, -1 for none
+    nn_pos: np.ndarray        # int32 (int64 past 2**31 rows) input position of that earlier neighbour, -1 for none
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -193,18 +193,26 @@ class SemDedupCache:
 
     def to_arrays(self, order: UidOrder) -> dict[str, np.ndarray]:
         """What goes into the runner's array cache, in uid order (neighbours as uid ranks)."""
-        nn = np.where(self.nn_pos >= 0, order.rank[np.maximum(self.nn_pos, 0)].astype(np.int64), -1)
+        nn = np.where(self.nn_pos >= 0, order.rank[np.maximum(self.nn_pos, 0)].astype(_pos_dtype(self.n)), -1)
         return {"rank": order.to_uid_order(self.rank), "nn_sim": order.to_uid_order(self.nn_sim),
                 "nn": order.to_uid_order(nn)}
 
     @classmethod
     def from_arrays(cls, arrays: dict, order: UidOrder, cluster: np.ndarray, dist: np.ndarray,
                     params: dict | None = None) -> "SemDedupCache":
-        nn = order.from_uid_order(arrays["nn"]).astype(np.int64)
-        nn_pos = np.where(nn >= 0, order.inverse[np.maximum(nn, 0)], -1)
-        return cls(cluster=cluster, dist=dist, rank=order.from_uid_order(arrays["rank"]).astype(np.int32),
-                   nn_sim=order.from_uid_order(arrays["nn_sim"]).astype(np.float32), nn_pos=nn_pos,
+        nn = order.from_uid_order(arrays["nn"])
+        has = nn >= 0
+        nn_pos = inverse_permutation(order.rank)[np.where(has, nn, 0)].astype(_pos_dtype(len(nn)), copy=False)
+        nn_pos[~has] = -1
+        del nn, has
+        return cls(cluster=cluster, dist=dist, rank=order.from_uid_order(arrays["rank"]).astype(np.int32, copy=False),
+                   nn_sim=order.from_uid_order(arrays["nn_sim"]).astype(np.float32, copy=False), nn_pos=nn_pos,
                    params=dict(params or {}))
+
+
+def _pos_dtype(n: int):
+    """Positions of n rows: int32 while they fit."""
+    return np.int32 if n < 2**31 else np.int64
 
 
 def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *, keep: str = "farthest",
@@ -224,7 +232,7 @@ def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *,
     sizes = np.diff(bounds)
     rank[order] = np.arange(n, dtype=np.int32) - np.repeat(bounds[:-1].astype(np.int32), sizes)
     nn_sim = np.full(n, np.nan, dtype=np.float32)
-    nn_pos = np.full(n, -1, dtype=np.int64)
+    nn_pos = np.full(n, -1, dtype=_pos_dtype(n))
     flops = 0.0
     compute = 0.0
     t0 = time.perf_counter()
@@ -268,8 +276,8 @@ def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *,
 @dataclass
 class DedupOutcome:
     keep: np.ndarray        # bool (n,)
-    ref_pos: np.ndarray     # int64: input position of the sample a dropped one duplicates, -1 if kept
-    value: np.ndarray       # float32: cosine to ref (dropped) / nn_sim (kept), NaN when none
+    ref_pos: np.ndarray     # input position of the sample a dropped one duplicates, -1 if kept
+    value: np.ndarray       # float32: cosine to ref (dropped) / nn_sim (kept), NaN when none (read-only)
     eps: float
     threshold: float
     rule: str
@@ -291,10 +299,8 @@ def apply_eps(cache: SemDedupCache, eps: float, rule: str = "paper", view: Embed
     thr = threshold_of(eps)
     dup = ge_threshold(cache.nn_sim, thr)  # NaN (first of its cluster) compares False
     if rule == "paper":
-        keep = ~dup
-        ref = np.where(dup, cache.nn_pos, -1)
-        return DedupOutcome(keep, ref, cache.nn_sim.copy(), float(eps), thr, rule,
-                            {"dropped": int(dup.sum())})
+        ref = np.where(dup, cache.nn_pos, -1).astype(cache.nn_pos.dtype, copy=False)
+        return DedupOutcome(~dup, ref, cache.nn_sim, float(eps), thr, rule, {"dropped": int(dup.sum())})
     if rule != "greedy":
         raise UsageError(f"rule must be one of {', '.join(RULES)}, not {rule!r}")
     if view is None:
@@ -307,7 +313,7 @@ def _greedy(cache: SemDedupCache, thr: float, eps: float, dup: np.ndarray, view:
     n = cache.n
     keep = np.ones(n, dtype=bool)
     ref = np.full(n, -1, dtype=np.int64)
-    value = cache.nn_sim.copy()
+    value = cache.nn_sim.copy()  # rows get the similarity to the kept sample they duplicate
     if clusters is not None:
         dup = dup & np.isin(cache.cluster, clusters)
     order = cache.order()
@@ -455,8 +461,11 @@ def _calibrate_paper(nn_sim: np.ndarray, target_keep: float) -> tuple[float, dic
 
 def _per_cluster(cache: SemDedupCache, out: DedupOutcome) -> pl.DataFrame:
     """cluster | size | dropped, for the report (per-sample nn data stays in the cache)."""
-    return (pl.DataFrame({"cluster": cache.cluster, "dropped": ~out.keep})
-            .group_by("cluster").agg(pl.len().alias("size"), pl.col("dropped").sum()).sort("cluster"))
+    size = np.bincount(cache.cluster)
+    dropped = np.bincount(cache.cluster[~out.keep], minlength=len(size))
+    present = np.flatnonzero(size)
+    return pl.DataFrame({"cluster": pl.Series(present, dtype=pl.Int32), "size": pl.Series(size[present], dtype=pl.UInt32),
+                         "dropped": pl.Series(dropped[present], dtype=pl.UInt32)})
 
 
 def auto_k(n: int, per_cluster: int = 5000, cap: int = 50_000) -> int:
@@ -549,22 +558,33 @@ class SemanticDedup(Stage):
         stats.update(out.stats)
         stats.update({"eps": out.eps, "threshold": out.threshold, "rule": self.rule, "n_in": n,
                       "n_kept": int(out.keep.sum()), "keep_fraction": float(out.keep.mean())})
-        return StageResult(None, {"semdedup_clusters": _per_cluster(cache, out)}, stats,
-                           chunks=in_chunks(n, lambda s, e: self._decisions(uids, cache, out, s, e)))
+        artefacts = {"semdedup_clusters": _per_cluster(cache, out)}
+        # What the decisions need, and no more: keep and value for every row; the sample each
+        # dropped row duplicates, its cluster and rank (for `detail`) for the dropped rows only.
+        keep, value, threshold = out.keep, out.value, out.threshold
+        drop = np.flatnonzero(~keep).astype(_pos_dtype(n))
+        d_ref, d_cluster, d_rank = out.ref_pos[drop], cache.cluster[drop], cache.rank[drop]
+        del cache, out, clu, order
+        return StageResult(None, artefacts, stats, chunks=in_chunks(n, lambda s, e: self._decisions(
+            uids, keep, value, threshold, drop, d_ref, d_cluster, d_rank, s, e)))
 
     @staticmethod
-    def _decisions(uids: pl.Series, cache: SemDedupCache, out: DedupOutcome, start: int, stop: int) -> pl.DataFrame:
-        """Decisions of input rows [start, stop)."""
-        keep = out.keep[start:stop]
-        dm = ~keep
-        ref_idx = pl.select(pl.when(pl.Series(dm)).then(pl.Series(out.ref_pos[start:stop]))).to_series()
-        # detail only where it explains a drop: the cache holds cluster and rank for every sample
-        detail = sparse_strings(dm, pl.select(pl.format("cluster={} rank={}", pl.Series(cache.cluster[start:stop][dm]),
-                                                        pl.Series(cache.rank[start:stop][dm]))).to_series())
+    def _decisions(uids: pl.Series, keep: np.ndarray, value: np.ndarray, threshold: float, drop: np.ndarray,
+                   d_ref: np.ndarray, d_cluster: np.ndarray, d_rank: np.ndarray, start: int, stop: int) -> pl.DataFrame:
+        """Decisions of input rows [start, stop); `drop` lists the dropped rows, `d_*` their facts."""
+        k = keep[start:stop]
+        dm = ~k
+        a, b = np.searchsorted(drop, [start, stop])
+        ref = np.zeros(stop - start, dtype=d_ref.dtype)
+        ref[drop[a:b] - start] = d_ref[a:b]
+        ref_idx = pl.select(pl.when(pl.Series(dm)).then(pl.Series(ref))).to_series()
+        # detail only where it explains a drop
+        detail = sparse_strings(dm, pl.select(pl.format("cluster={} rank={}", pl.Series(d_cluster[a:b]),
+                                                        pl.Series(d_rank[a:b]))).to_series())
         return decisions_frame(
-            uids.slice(start, stop - start), pl.Series(keep),
+            uids.slice(start, stop - start), pl.Series(k),
             reason=reason_where(dm, REASON),
-            value=pl.Series(out.value[start:stop]).fill_nan(None),
-            threshold=const_column(out.threshold, stop - start, pl.Float64),
+            value=pl.Series(value[start:stop]).fill_nan(None),
+            threshold=const_column(threshold, stop - start, pl.Float64),
             ref_uid=uids.gather(ref_idx), detail=detail,
         )
