@@ -1,7 +1,7 @@
 """`curate prune` end to end at scale: wall time and peak resident memory of the real command.
 
-    .venv/bin/python benchmarks/bench_prune_cli.py --rows 2000000 --dims 16,512 --k 2000
-    .venv/bin/python benchmarks/bench_prune_cli.py --rows 10000000 --dims 16,16 --k 5000
+    .venv/bin/python benchmarks/bench_prune_cli.py --rows 2000000 --dims 16,512 --k 2000 --fresh
+    .venv/bin/python benchmarks/bench_prune_cli.py --rows 10000000 --dims 16,512 --k 5000 --fresh
 
 Synthesises a DataComp-layout pool (parquet + npz; the L/14 embedding size is the second of
 --dims), ingests it, then runs `curate prune` in a subprocess with each recipe:
@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--recipes", default="cluster_semdedup_dbp,dbp")
     ap.add_argument("--root", type=Path, default=Path("/tmp/curate-bench-prune-cli"))
     ap.add_argument("--duckdb-memory", default=None, help="CURATE_DUCKDB_MEMORY for the prune runs")
+    ap.add_argument("--fresh", action="store_true",
+                    help="empty the workspace cache first, so the first recipe's first run computes everything")
     a = ap.parse_args()
     tag = f"{a.rows}-{a.dims.replace(',', 'x')}"
     pool, ws = a.root / f"pool-{tag}", a.root / f"ws-{tag}"
@@ -83,6 +85,10 @@ def main() -> None:
         s, mb, _ = measure(["ingest", pool, "-w", ws, "-q"])
         out["ingest"] = {"seconds": round(s, 1), "peak_mb": round(mb)}
     env = {"CURATE_DUCKDB_MEMORY": a.duckdb_memory} if a.duckdb_memory else {}
+    if a.fresh and (ws / "cache").exists():
+        import shutil
+
+        shutil.rmtree(ws / "cache")
     for name in a.recipes.split(","):
         if name == "cluster_semdedup_dbp":
             recipe = a.root / f"{name}-{a.k}.toml"

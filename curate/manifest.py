@@ -149,8 +149,8 @@ class Manifest:
                 ) from None
             raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
         # Bounded memory: DuckDB spills to the workspace's tmp/ rather than growing with the pool.
-        mem = os.environ.get("CURATE_DUCKDB_MEMORY", "512MB")
-        self.con.execute(f"SET memory_limit = '{mem}'")
+        self.memory_limit = os.environ.get("CURATE_DUCKDB_MEMORY", "512MB")
+        self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
         if not read_only:
             tmp = self.path.parent / "tmp" / "duckdb"
             tmp.mkdir(parents=True, exist_ok=True)
@@ -169,6 +169,14 @@ class Manifest:
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
                 [str(SCHEMA_VERSION), f"curate {__version__}"],
             )
+
+    def trim(self) -> None:
+        """Let DuckDB drop the table blocks it keeps cached (they count as this process's memory
+        and grow with the pool up to the memory limit): lowering the limit evicts them, then it
+        is restored. Blocks a query still holds stay; nothing is lost, later reads go to the file."""
+        with contextlib.suppress(duckdb.Error):
+            self.con.execute("SET memory_limit = '16MB'")
+        self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -550,3 +550,27 @@ def test_greedy_stage_with_target_keep_and_provided_clustering():
     kept_uids = set(res.decisions.filter(pl.col("keep"))["uid"].to_list())
     assert set(dropped["ref_uid"].to_list()) <= kept_uids  # greedy: every ref stays
     assert (dropped["value"] >= dropped["threshold"]).all()
+
+
+def test_group_runs_groups_equal_tuples_and_survives_first_code_collisions():
+    from curate.stages.dedup_exact import group_runs
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(1, 400))
+        a = rng.integers(0, 6, n).astype(np.uint64)  # few values: many equal first codes
+        # second code: equal to a (no collision), or a different value for some rows whose first
+        # codes are equal (a 64-bit collision of the first half)
+        b = a * 7 + (rng.integers(0, 2, n).astype(np.uint64) if trial % 2 else 0)
+        rows = None if trial % 3 == 0 else np.sort(rng.choice(n, int(rng.integers(1, n + 1)), replace=False))
+        for second in (b, pl.Series(b)):
+            perm, start = group_runs([a, second], rows, stable=True)
+            idx = np.arange(n) if rows is None else rows
+            assert sorted(perm.tolist()) == list(range(len(idx)))
+            tuples = [(int(a[idx[p]]), int(b[idx[p]])) for p in perm]
+            gid = np.cumsum(start) - 1
+            for g in range(gid[-1] + 1):  # one group per distinct tuple, members in ascending order
+                members = perm[gid == g]
+                assert len({tuples[i] for i in np.flatnonzero(gid == g)}) == 1
+                assert (np.diff(members) > 0).all()
+            assert gid[-1] + 1 == len(set(tuples))

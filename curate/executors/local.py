@@ -25,7 +25,7 @@ from ..errors import CurateError, UsageError
 from ..recipes import Recipe
 from ..stages.base import DECISION_COLUMNS, Stage, StageInput, get_stage
 from ..workspace import atomic_path, atomic_save_npy
-from .runs import RunArray, RunInverse
+from .runs import RunBuilder, RunInverse
 
 ROW_PARTITION = 1_000_000
 
@@ -107,7 +107,8 @@ def build_stages(recipe: Recipe) -> list[tuple[str, Stage]]:
 
 SAMPLE_COLUMNS = ("key", "url", "caption", "width", "height", "sha256", "source", "image_ext", "image_bytes")
 STREAM_BATCH = 262_144
-WRITE_CHUNK = 1_000_000
+TRIM_EVERY = 8  # batches between evictions of DuckDB's cached table blocks while streaming
+WRITE_CHUNK = 262_144
 
 
 class PoolSource:
@@ -125,20 +126,28 @@ class PoolSource:
 
     def __init__(self, manifest, scorers: list[str]):
         self.m = manifest
-        spine = manifest.con.sql(
+        n, max_rid = manifest.one("SELECT count(*) FILTER (WHERE status = 'ok'), coalesce(max(rowid), 0) FROM samples")
+        self.n = int(n)
+        # Read a batch at a time: shard_id, row_idx and the row id fall into runs in this order
+        # (RunArray: a pair per run), the uid rank is a permutation (4 bytes a sample).
+        self.rank = np.empty(self.n, dtype=np.uint32)
+        batches = manifest.con.sql(
             "SELECT rowid AS rid, (row_number() OVER (ORDER BY uid, rowid) - 1)::UINTEGER AS rank, "
             "shard_id::INTEGER AS shard_id, row_idx::INTEGER AS row_idx FROM samples WHERE status = 'ok' "
-            "ORDER BY shard_id, row_idx, rid").to_arrow_table()
-        self.n = spine.num_rows
-        # shard_id, row_idx and row id fall into runs in this order (RunArray: a pair per run)
-        self.rid = RunArray(spine.column("rid").to_numpy().astype(np.int32 if self.n < 2**31 - 1 else np.int64), 1)
-        self.shard_id = RunArray(spine.column("shard_id").to_numpy(), 0)
-        self.row_idx = RunArray(spine.column("row_idx").to_numpy(), 1)
-        self.rank = spine.column("rank").to_numpy().copy()  # a permutation: 4 bytes a sample
-        del spine
-        import pyarrow as pa
-
-        pa.default_memory_pool().release_unused()  # the spine query's result buffers
+            "ORDER BY shard_id, row_idx, rid").to_arrow_reader(STREAM_BATCH)
+        rid_type = np.int32 if max_rid < 2**31 - 1 else np.int64
+        build = {"rid": RunBuilder(1, rid_type), "shard_id": RunBuilder(0, np.int32), "row_idx": RunBuilder(1, np.int32)}
+        at = 0
+        for rb in batches:
+            for c, b in build.items():
+                b.add(rb.column(c).to_numpy())
+            self.rank[at:at + rb.num_rows] = rb.column("rank").to_numpy()
+            at += rb.num_rows
+        del batches
+        if at != self.n:
+            raise CurateError("the samples table changed while the run was reading it")
+        self.rid, self.shard_id, self.row_idx = (build[c].finish() for c in ("rid", "shard_id", "row_idx"))
+        del build
         self.pos_of_rid = RunInverse(self.rid)
         self._pos_of_rank: np.ndarray | None = None
         cnt, x, sm = manifest.one("SELECT count(*), bit_xor(hash(uid)), sum(hash(uid)::HUGEINT) FROM samples "
@@ -156,6 +165,7 @@ class PoolSource:
             if err.num_rows else pl.Series("decode_error", [], dtype=pl.Utf8)
         self.decodable = np.ones(self.n, dtype=bool)
         self.decodable[self.err_pos] = False
+        manifest.trim()  # the uid sort's table blocks
 
     def _scores(self, sc: str) -> pl.Series:
         if not self.m.scalar("SELECT count(*) FROM scores WHERE scorer = ?", [sc]):
@@ -214,7 +224,9 @@ class PoolSource:
         try:
             sel = ", ".join(f'"{c}"' for c in columns)
             reader = cur.sql(f"SELECT rowid AS _rid, {sel} FROM samples WHERE status = 'ok'").to_arrow_reader(STREAM_BATCH)
-            for rb in reader:
+            for i, rb in enumerate(reader):
+                if i % TRIM_EVERY == TRIM_EVERY - 1:
+                    self.m.trim()  # a one-pass scan gains nothing from the blocks DuckDB keeps
                 rid = rb.column(0).to_numpy()
                 if len(rid) and int(rid.max()) >= len(self.pos_of_rid):
                     raise CurateError("the samples table changed during the run")
@@ -226,6 +238,7 @@ class PoolSource:
                 yield pos[take], b.filter(pl.Series(take))
         finally:
             cur.close()
+            self.m.trim()
 
 
 @dataclass(frozen=True)
@@ -262,7 +275,10 @@ def stage_frame(src: PoolSource, stage: Stage, pos: np.ndarray) -> pl.DataFrame:
         return stage.condense(pl.concat(
             [src.base(pos, want), pl.from_arrow(src.m.con.sql(f"SELECT {sel} FROM samples LIMIT 0").to_arrow_table())],
             how="horizontal"))
-    frame = pl.concat(parts, how="vertical_relaxed")
+    # no rechunk: one contiguous copy of every column at once would double the frame's memory;
+    # stages copy out the columns they turn into numpy arrays, one at a time
+    frame = pl.concat(parts, how="vertical_relaxed", rechunk=False)
+    del parts
     at = np.concatenate(where)
     if len(at) > 1 and not (np.diff(at) > 0).all():
         frame = frame[np.argsort(at, kind="stable")]
@@ -419,6 +435,7 @@ def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str
             manifest.execute(sql, [sid])
         finally:
             manifest.con.unregister("_curate_dec")
+        manifest.trim()  # each chunk's join caches table blocks; they would pile up over the pool
 
 
 class _Pool:
@@ -463,7 +480,7 @@ class _Pool:
         pos = None if self.all_decodable else np.flatnonzero(src.decodable).astype(np.int32)
         view = ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, spec.scorer, spec.kind),
                                      spec.scorer, spec.kind)
-        row = self.index(np.arange(src.n) if pos is None else pos)
+        row = src.rank if pos is None else self.index(pos)  # each view row's place in pool order
         res = compute_clustering(view, spec, row, device=getattr(stage, "device", "auto"))
         del view, pos
         arrays = {}

@@ -9,6 +9,8 @@ that do not fall into long runs are kept as they are.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
 # Keep the plain array unless runs take fewer than 1/DENSE_RATIO of its length.
@@ -20,19 +22,24 @@ class RunArray:
 
     def __init__(self, a: np.ndarray, step: int):
         a = np.asarray(a)
-        self.n, self.dtype, self.step = len(a), a.dtype, int(step)
-        self._max = int(a.max()) if len(a) else -1
-        if len(a):
-            brk = np.flatnonzero(np.diff(a) != step) + 1 if len(a) > 1 else np.empty(0, np.int64)
-        else:
-            brk = np.empty(0, np.int64)
-        if len(brk) + 1 > max(1, len(a) // DENSE_RATIO):
-            self.dense: np.ndarray | None = a
-            self.starts = self.values = None
-        else:
-            self.dense = None
-            self.starts = np.r_[0, brk].astype(np.int64)
-            self.values = a[self.starts].astype(np.int64)
+        b = RunBuilder(step, a.dtype)
+        b.add(a)
+        self.__dict__.update(b.finish().__dict__)
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[np.ndarray], step: int, dtype) -> "RunArray":
+        """RunArray(np.concatenate(chunks), step), built a chunk at a time (see RunBuilder)."""
+        b = RunBuilder(step, dtype)
+        for a in chunks:
+            b.add(a)
+        return b.finish()
+
+    @classmethod
+    def _make(cls, n: int, step: int, dtype, mx: int, dense=None, starts=None, values=None) -> "RunArray":
+        ra = cls.__new__(cls)
+        ra.n, ra.step, ra.dtype, ra._max = n, int(step), np.dtype(dtype), mx
+        ra.dense, ra.starts, ra.values = dense, starts, values
+        return ra
 
     @property
     def runs(self) -> int:
@@ -58,6 +65,55 @@ class RunArray:
 
     def nbytes(self) -> int:
         return self.dense.nbytes if self.dense is not None else self.starts.nbytes + self.values.nbytes
+
+
+class RunBuilder:
+    """Builds a RunArray from consecutive chunks: runs are collected as the chunks come (a run
+    may continue across chunks), so the whole array is only ever made when it turns out not to
+    fall into runs."""
+
+    def __init__(self, step: int, dtype):
+        self.step, self.dtype = int(step), np.dtype(dtype)
+        self.starts: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.plain: list[np.ndarray] | None = None
+        self.n, self.nruns, self.last, self.mx = 0, 0, None, -1
+
+    def add(self, a: np.ndarray) -> None:
+        a = np.asarray(a).astype(self.dtype, copy=False)
+        if not len(a):
+            return
+        self.mx = max(self.mx, int(a.max()))
+        if self.plain is not None:
+            self.plain.append(a)
+        else:
+            s = np.r_[0, np.flatnonzero(np.diff(a) != self.step) + 1]
+            if self.last is not None and int(a[0]) == self.last + self.step:
+                s = s[1:]  # continues the previous chunk's last run
+            self.starts.append(s + self.n)
+            self.values.append(a[s].astype(np.int64))
+            self.nruns += len(s)
+            if self.nruns > max(1 << 16, (self.n + len(a)) // DENSE_RATIO):  # not runs: keep the values
+                self.plain = [self._decode(), a]
+        self.last = int(a[-1])
+        self.n += len(a)
+
+    def _runs(self) -> RunArray:
+        return RunArray._make(self.n, self.step, self.dtype, self.mx,
+                              starts=np.concatenate(self.starts) if self.starts else np.zeros(0, np.int64),
+                              values=np.concatenate(self.values) if self.values else np.zeros(0, np.int64))
+
+    def _decode(self) -> np.ndarray:
+        out = self._runs()[np.arange(self.n)]
+        self.starts, self.values = [], []
+        return out
+
+    def finish(self) -> RunArray:
+        if self.plain is None and self.n and self.nruns > max(1, self.n // DENSE_RATIO):
+            self.plain = [self._decode()]
+        if self.plain is not None:
+            return RunArray._make(self.n, self.step, self.dtype, self.mx, dense=np.concatenate(self.plain))
+        return self._runs()
 
 
 class RunInverse:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, uid_ranks
+from ..cluster import ClusterSpec, UidOrder, cluster_sizes, clustering_for_stage, uid_ranks
 from ..errors import UsageError
 from .base import Stage, StageInput, StageResult, decisions_frame, in_chunks, reason_where, register_stage
 from .semdedup import const_column
@@ -53,7 +53,7 @@ def cluster_distances(cluster: np.ndarray, dist: np.ndarray, centroids: np.ndarr
     """(sizes, d_intra, d_inter) per centroid; NaN for empty clusters (and d_inter when fewer
     than two clusters are non-empty). Neighbours are the other non-empty clusters."""
     k = int(centroids.shape[0])
-    sizes = np.bincount(cluster, minlength=k).astype(np.int64)
+    sizes = cluster_sizes(cluster, k)
     sums = np.zeros(k)
     for s in range(0, len(cluster), 1 << 20):  # float64 weights a chunk at a time
         sums += np.bincount(cluster[s:s + (1 << 20)], weights=dist[s:s + (1 << 20)].astype(np.float64), minlength=k)
@@ -209,7 +209,7 @@ def cluster_sorted(cluster: np.ndarray, key: np.ndarray, tiebreak: np.ndarray, k
     The key is negated in its own type (exact for floats and integers alike)."""
     order = np.lexsort((tiebreak, -np.asarray(key), cluster))  # stable: then position
     first = np.zeros(k + 1, dtype=np.int64)
-    np.cumsum(np.bincount(cluster, minlength=k), out=first[1:])
+    np.cumsum(cluster_sizes(cluster, k), out=first[1:])
     return order, first
 
 
@@ -430,7 +430,7 @@ class PrototypePruning(_ClusteredBudgetStage):
         n = len(frame)
         order = UidOrder(uids)
         clu = clustering_for_stage(inp, self.cluster_spec(inp), order=order, device=self.device)
-        sizes = np.bincount(clu.cluster, minlength=clu.k)
+        sizes = cluster_sizes(clu.cluster, clu.k)
         active = sizes > 0
         k_active = int(active.sum())
         tb = order.tiebreak()

@@ -133,17 +133,19 @@ def hash128(values: pl.Series, names: Sequence[str]) -> list[pl.Series]:
             for seed, name in zip(HASH_SEEDS, names)]
 
 
-def group_runs(codes: Sequence[np.ndarray], rows: np.ndarray | None = None,
+def group_runs(codes: Sequence, rows: np.ndarray | None = None,
                stable: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(perm, start) over the rows `rows` of the code arrays (all rows when None): perm puts
+    """(perm, start) over the rows `rows` of the code arrays (all rows when None; the codes after
+    the first may be polars Series, only read where first codes are equal): perm puts
     equal code tuples next to each other (within a group in ascending row order when `stable`,
     else in no particular order), start[i] is True where permuted row i begins a new group.
 
     Sorts on the first code only and compares the others where first codes are equal; a 64-bit
     collision there (equal first, different later codes) falls back to a sort on all of them.
     Memory: the permutation and one sorted copy of the first code."""
-    def at(c: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        return c[idx] if rows is None else c[rows[idx]]
+    def at(c, idx: np.ndarray) -> np.ndarray:
+        i = idx if rows is None else rows[idx]
+        return c.gather(i).to_numpy() if isinstance(c, pl.Series) else c[i]
 
     first = codes[0] if rows is None else codes[0][rows]
     perm = np.argsort(first, kind="stable" if stable else None)
@@ -156,7 +158,8 @@ def group_runs(codes: Sequence[np.ndarray], rows: np.ndarray | None = None,
         for s in range(0, len(eq), 1 << 20):
             i = eq[s:s + (1 << 20)]
             if not all(np.array_equal(at(c, perm[i]), at(c, perm[i + 1])) for c in codes[1:]):
-                cols = [c if rows is None else c[rows] for c in codes]
+                cols = [np.asarray(c.to_numpy() if isinstance(c, pl.Series) else c) for c in codes]
+                cols = [c if rows is None else c[rows] for c in cols]
                 perm = np.lexsort(cols[::-1])  # stable
                 srt = [c[perm] for c in cols]
                 same = np.logical_and.reduce([x[1:] == x[:-1] for x in srt])
@@ -285,7 +288,8 @@ class ExactDedup(Stage):
             codes = uid if uid.dtype.is_integer() else uid.rank("dense")
             return [codes.fill_null(0).to_numpy()], valid.to_numpy()
         h = [df[c] for c in hash_columns(key)]
-        return [c.fill_null(0).to_numpy() for c in h], h[0].is_not_null().to_numpy()
+        h = [c.fill_null(0) if c.null_count() else c for c in h]
+        return [h[0].to_numpy(), *h[1:]], df[hash_columns(key)[0]].is_not_null().to_numpy()
 
     def apply(self, inp: StageInput) -> StageResult:
         df = self.condense(inp.frame)
@@ -306,7 +310,8 @@ class ExactDedup(Stage):
                 stats[f"dropped_{key}"] = 0
                 continue
             # stable: within a group rows stay best first, so each group's first copy stays
-            perm, start = group_runs(codes, rows, stable=True)
+            whole = order is None and len(rows) == n  # rows is 0..n-1: no gathered copy of the codes
+            perm, start = group_runs(codes, None if whole else rows, stable=True)
             del codes
             dup = np.flatnonzero(~start)
             # the group's first row, for each duplicate: the last start at or before it

@@ -39,7 +39,8 @@ import numpy as np
 import polars as pl
 
 from .. import console
-from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, inverse_permutation, normalise_rows, short_hash
+from ..cluster import (ClusterSpec, UidOrder, cluster_sizes, clustering_for_stage, inverse_permutation, normalise_rows,
+                       short_hash)
 from ..errors import UsageError
 from .base import EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, reason_where, register_stage
 
@@ -226,7 +227,7 @@ def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *,
     n = len(cluster)
     cluster = np.asarray(cluster, dtype=np.int32)
     dist = np.asarray(dist, dtype=np.float32)
-    order = cluster_order(cluster, dist, keep, seed, tiebreak)
+    order = cluster_order(cluster, dist, keep, seed, tiebreak).astype(_pos_dtype(n), copy=False)
     ids, bounds = _segments(cluster[order])
     rank = np.empty(n, dtype=np.int32)
     sizes = np.diff(bounds)
@@ -461,8 +462,8 @@ def _calibrate_paper(nn_sim: np.ndarray, target_keep: float) -> tuple[float, dic
 
 def _per_cluster(cache: SemDedupCache, out: DedupOutcome) -> pl.DataFrame:
     """cluster | size | dropped, for the report (per-sample nn data stays in the cache)."""
-    size = np.bincount(cache.cluster)
-    dropped = np.bincount(cache.cluster[~out.keep], minlength=len(size))
+    size = cluster_sizes(cache.cluster)
+    dropped = cluster_sizes(cache.cluster[~out.keep], len(size))
     present = np.flatnonzero(size)
     return pl.DataFrame({"cluster": pl.Series(present, dtype=pl.Int32), "size": pl.Series(size[present], dtype=pl.UInt32),
                          "dropped": pl.Series(dropped[present], dtype=pl.UInt32)})
