@@ -416,6 +416,12 @@ def uid_ranks(uids: pl.Series) -> np.ndarray:
     not depend on the order the runner lists the samples in."""
     if not len(uids):
         return np.empty(0, np.uint32)
+    if uids.dtype.is_integer() and not uids.null_count() and uids.min() == 0 and uids.max() == len(uids) - 1:
+        u = uids.to_numpy()
+        seen = np.zeros(len(u), dtype=bool)
+        seen[u] = True
+        if seen.all():  # already a permutation of 0..n-1 (the runner's ranks of a whole pool)
+            return u
     r = uids.rank("ordinal").to_numpy()
     return np.subtract(r, 1, dtype=r.dtype)
 

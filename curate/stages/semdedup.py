@@ -201,11 +201,14 @@ class SemDedupCache:
     @classmethod
     def from_arrays(cls, arrays: dict, order: UidOrder, cluster: np.ndarray, dist: np.ndarray,
                     params: dict | None = None) -> "SemDedupCache":
-        nn = order.from_uid_order(arrays["nn"])
-        has = nn >= 0
-        nn_pos = inverse_permutation(order.rank)[np.where(has, nn, 0)].astype(_pos_dtype(len(nn)), copy=False)
-        nn_pos[~has] = -1
-        del nn, has
+        # neighbour uid ranks -> input positions, in place a chunk at a time (no n-sized temporaries)
+        nn_pos = order.from_uid_order(arrays["nn"]).astype(_pos_dtype(len(order.rank)), copy=False)
+        inv = inverse_permutation(order.rank)
+        for s in range(0, len(nn_pos), 1 << 20):
+            part = nn_pos[s:s + (1 << 20)]
+            has = part >= 0
+            part[has] = inv[part[has]]
+        del inv
         return cls(cluster=cluster, dist=dist, rank=order.from_uid_order(arrays["rank"]).astype(np.int32, copy=False),
                    nn_sim=order.from_uid_order(arrays["nn_sim"]).astype(np.float32, copy=False), nn_pos=nn_pos,
                    params=dict(params or {}))
