@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -94,3 +95,49 @@ def test_budget_larger_than_what_remains(dc):
     assert out["kept"] == out["pool"] and out["warnings"] and "exceeds" in proc.stderr
     proc = run_cli("prune", "-w", ws, "-p", "dbp", check=False)
     assert proc.returncode == 2 and "budget" in proc.stderr
+
+
+def test_pool_clustering_leaves_out_undecodable_samples(tmp_path):
+    """Samples whose images did not decode have no embeddings: the runner's pool clustering
+    covers the others only, stages after decode_failures get it restricted to their input, and a
+    clustered stage that is handed undecodable samples refuses them."""
+    pool, ws = tmp_path / "pool", tmp_path / "ws"
+    run_cli("synth", pool, "--layout", "datacomp", "--n", "4000", "--seed", "5", "--shard-size", "1500",
+            "--clusters", "40")
+    run_json("ingest", pool, "-w", ws)
+    m = Manifest(ws / "manifest.duckdb")
+    try:
+        bad = sorted(r[0] for r in m.execute("SELECT uid FROM samples ORDER BY hash(uid) LIMIT 150").fetchall())
+        m.execute("INSERT INTO sample_issues SELECT NULL, shard_id, key, uid, 'undecodable', 'unscored', "
+                  "'cannot identify image file' FROM samples WHERE list_contains(?, uid)", [bad])
+    finally:
+        m.close()
+    args = ["prune", "-w", ws, "-p", "dbp", "--budget", "1000", "--set", "semdedup.k=20", "--set", "dbp.k=20"]
+    a = run_json(*args)
+    assert a["kept"] == 1000
+    m = _M(ws)
+    try:
+        dropped = m.frame("SELECT uid, reason FROM decisions WHERE run_id = ? AND stage = 'decode_failures' "
+                          "AND NOT keep", [a["run_id"]])
+    finally:
+        m.close()
+    assert sorted(dropped["uid"].to_list()) == bad and (dropped["reason"] == "undecodable").all()
+    assert _stats(ws, a["run_id"], "semdedup")["stats"]["clustering"] == "computed"
+    pool_clusterings = [d for d in (ws / "cache").iterdir() if d.name.startswith("clustering-")]
+    assert len(pool_clusterings) == 1  # one spec (k = 20, same seed) shared by both stages
+    cluster = np.load(pool_clusterings[0] / "cluster.npy")  # in uid order over the decodable samples
+    m = _M(ws)
+    try:
+        good = sorted(set(m.frame("SELECT uid FROM samples")["uid"].to_list()) - set(bad))
+        dbp = m.frame("SELECT uid, detail FROM decisions WHERE run_id = ? AND stage = 'dbp'", [a["run_id"]])
+    finally:
+        m.close()
+    assert len(cluster) == len(good) == 4000 - len(bad)
+    # DBP's clusters are the pool clustering's, looked up through each sample's place in uid order
+    at = {u: i for i, u in enumerate(good)}
+    assert dbp["detail"].to_list() == [f"cluster={cluster[at[u]]}" for u in dbp["uid"].to_list()]
+    again = run_json(*args, "--set", "semdedup.eps=0.05")
+    assert _stats(ws, again["run_id"], "semdedup")["stats"]["clustering"] == "cache"
+    assert _stats(ws, again["run_id"], "dbp")["stats"]["clustering"] == "cache"
+    proc = run_cli("prune", "-w", ws, "-p", "semdedup", "--set", "semdedup.k=20", check=False)
+    assert proc.returncode == 2 and "decode_failures" in proc.stderr
