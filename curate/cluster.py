@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 
 from .errors import CurateError, UsageError
-from .stages.base import EmbeddingView
+from .stages.base import EmbeddingView, index_dtype
 
 DEFAULT_CHUNK_ROWS = 65536
 # FAISS's default max_points_per_centroid: more training points than this per centroid add little.
@@ -428,7 +428,7 @@ def uid_ranks(uids: pl.Series) -> np.ndarray:
 
 def inverse_permutation(perm: np.ndarray) -> np.ndarray:
     """int32 (int64 beyond 2**31 rows) inverse of a permutation of 0..n-1."""
-    dt = np.int32 if len(perm) < 2**31 else np.int64
+    dt = index_dtype(len(perm))
     inv = np.empty(len(perm), dtype=dt)
     inv[perm] = np.arange(len(perm), dtype=dt)
     return inv
@@ -441,7 +441,6 @@ class UidOrder:
     def __init__(self, uids: pl.Series):
         self.uids = uids
         self._rank: np.ndarray | None = None
-        self._inv: np.ndarray | None = None
 
     @property
     def rank(self) -> np.ndarray:
@@ -456,12 +455,6 @@ class UidOrder:
         if self.uids.dtype.is_integer() and not self.uids.null_count():
             return self.uids.to_numpy()
         return self.rank
-
-    @property
-    def inverse(self) -> np.ndarray:
-        if self._inv is None:
-            self._inv = inverse_permutation(self.rank)
-        return self._inv
 
     def to_uid_order(self, a: np.ndarray) -> np.ndarray:
         out = np.empty_like(np.asarray(a))

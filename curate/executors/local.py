@@ -5,7 +5,8 @@ each stage gets only the columns it names, read from the manifest for its input 
 stages get their input a batch at a time; global stages get it in one frame (condensed batch by
 batch). After each stage: its decisions go to `decisions` (one row per sample it saw), its
 funnel line to `stage_stats`, its artefacts to `runs/<run_id>/`; the next stage sees only what it
-kept. The whole run is one transaction: an interrupted prune leaves nothing half-recorded.
+kept. Decisions are committed chunk by chunk; `curate prune` marks the run `ok` only at the end
+and deletes the decisions of a run that fails or was killed (see `Manifest.clear_unfinished`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import numpy as np
 import polars as pl
 
 from .. import console
+from ..cluster import inverse_permutation
 from ..embeddings import ShardEmbeddingView, refs
 from ..errors import CurateError, UsageError
 from ..recipes import Recipe
-from ..stages.base import DECISION_COLUMNS, Stage, StageInput, get_stage
+from ..stages.base import DECISION_COLUMNS, Stage, StageInput, get_stage, index_dtype
 from ..workspace import atomic_path, atomic_save_npy
 from .runs import RunBuilder, RunInverse
 
@@ -115,9 +117,10 @@ class PoolSource:
     """The run's pool: a compact spine in memory, sample columns streamed from the manifest.
 
     The spine holds, per usable sample in (shard_id, row_idx) order (its *position*): the rank of
-    its uid in sorted uid order (the `uid` stages see: 4 bytes, orders like the strings), its
-    row id in the samples table, shard_id, row_idx, the scores the recipe needs, and whether its
-    image decoded: about 25 bytes a sample plus 8 per score. The uid strings stay in DuckDB;
+    its uid in sorted uid order (the `uid` stages see: 4 bytes, orders like the strings), whether
+    its image decoded (1 byte) and the scores the recipe needs (8 bytes each); its row id in the
+    samples table, shard_id and row_idx as runs (`RunArray`: a pair per run of consecutive
+    rows, a few thousand for a whole pool). The uid strings stay in DuckDB;
     decisions get them back by a join on the row id when they are written. A stage's other
     columns (`caption`, `url`, ...) are read for its input rows only, in batches, and condensed
     batch by batch for global stages; so what the runner holds does not grow with caption or
@@ -188,9 +191,12 @@ class PoolSource:
     @property
     def pos_of_rank(self) -> np.ndarray:
         if self._pos_of_rank is None:
-            self._pos_of_rank = np.empty(self.n, dtype=np.int32)
-            self._pos_of_rank[self.rank] = np.arange(self.n, dtype=np.int32)
+            self._pos_of_rank = inverse_permutation(self.rank)
         return self._pos_of_rank
+
+    def forget_pos_of_rank(self) -> None:
+        """Drop `pos_of_rank` (4 bytes a sample); it is rebuilt when next asked for."""
+        self._pos_of_rank = None
 
     def decode_error(self, pos: np.ndarray) -> pl.Series:
         if not len(self.err_pos):
@@ -332,7 +338,6 @@ def load_pool(manifest, scorers: list[str]) -> PoolSource:
 
 def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, budget, record: bool) -> dict:
     n_pool = src.n
-    pos_dtype = np.int32 if n_pool < 2**31 else np.int64
     alive = np.ones(n_pool, dtype=bool)
     n_alive = n_pool
     clustering_pool = _Pool(src)
@@ -354,7 +359,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 if b > n_alive:
                     warnings.append(f"budget {b:,} exceeds the {n_alive:,} samples that reach {sid}; all are kept")
             over_pool = stage._apply_to == "pool"
-            pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(pos_dtype, copy=False)
+            pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(index_dtype(n_pool), copy=False)
             run = _apply(sid, stage, src, pos, manifest, recipe.seed, b, cache,
                          None if over_pool else clustering_pool)
             # Decisions arrive in chunks (one per partition for row stages): each is recorded at
@@ -397,7 +402,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
 
                 langid.clear_memo()  # up to MEMO_MAX captions nobody will ask about again
             n_alive = n_kept
-            src._pos_of_rank = None  # 4 bytes a sample; rebuilt if a later stage needs it
+            src.forget_pos_of_rank()
             bar.advance(task)
     for w in warnings:
         console.warn(w)
@@ -420,7 +425,7 @@ def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str
         sql = ("INSERT INTO decisions (run_id, stage_idx, stage, uid, keep, reason, value, threshold, ref_uid, "
                f"detail) SELECT {int(run_id)}, {int(idx)}, ?, p.uid, d.keep, d.reason, d.value, d.threshold, "
                f"{ref_sql}, d.detail FROM _curate_dec d JOIN samples p ON p.rowid = d._rid {ref_join} "
-               f"WHERE p.rowid BETWEEN {int(rid.min()) if len(rid) else 0} AND {int(rid.max()) if len(rid) else -1} "
+               f"WHERE p.rowid BETWEEN {int(rid.min())} AND {int(rid.max())} "
                "ORDER BY d._i")
         cols = [pl.Series("_rid", rid)]
         if ref_rank:

@@ -13,6 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..stages.base import index_dtype
+
 # Keep the plain array unless runs take fewer than 1/DENSE_RATIO of its length.
 DENSE_RATIO = 8
 
@@ -41,10 +43,6 @@ class RunArray:
         ra.dense, ra.starts, ra.values = dense, starts, values
         return ra
 
-    @property
-    def runs(self) -> int:
-        return self.n if self.dense is not None else len(self.starts)
-
     def __len__(self) -> int:
         return self.n
 
@@ -62,9 +60,6 @@ class RunArray:
         if self.step:
             out = out + (idx - self.starts[j])
         return out.astype(self.dtype, copy=False)
-
-    def nbytes(self) -> int:
-        return self.dense.nbytes if self.dense is not None else self.starts.nbytes + self.values.nbytes
 
 
 class RunBuilder:
@@ -124,7 +119,7 @@ class RunInverse:
         self.size = ra.max() + 1
         if ra.dense is not None or ra.step != 1:
             a = ra.dense if ra.dense is not None else ra[np.arange(ra.n)]
-            self.dense: np.ndarray | None = np.full(self.size, -1, dtype=np.int32 if ra.n < 2**31 else np.int64)
+            self.dense: np.ndarray | None = np.full(self.size, -1, dtype=index_dtype(ra.n))
             self.dense[a] = np.arange(ra.n, dtype=self.dense.dtype)
             return
         self.dense = None
@@ -144,4 +139,4 @@ class RunInverse:
         jj = np.maximum(j, 0)
         off = v - self.vstart[jj]
         hit = (j >= 0) & (off < self.length[jj])
-        return np.where(hit, self.pstart[jj] + off, -1).astype(np.int32 if self.size < 2**31 else np.int64)
+        return np.where(hit, self.pstart[jj] + off, -1).astype(index_dtype(self.size))

@@ -193,6 +193,11 @@ def bitmap_fingerprint(bits: np.ndarray, pool_key: str | None = None) -> str:
 DECISION_CHUNK = 1 << 20
 
 
+def index_dtype(n: int):
+    """The integer type for positions among n rows (and counts up to n): int32 while it fits."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 class StageResult:
     """What `Stage.apply` returns.
 

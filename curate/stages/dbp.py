@@ -37,7 +37,8 @@ import polars as pl
 
 from ..cluster import ClusterSpec, UidOrder, cluster_sizes, clustering_for_stage, uid_ranks
 from ..errors import UsageError
-from .base import Stage, StageInput, StageResult, decisions_frame, in_chunks, reason_where, register_stage
+from .base import (Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype, reason_where,
+                   register_stage)
 from .semdedup import const_column
 
 KEEP_DBP = ("hard", "easy", "random", "score")
@@ -240,7 +241,7 @@ def random_keys(tiebreak: np.ndarray, seed: int) -> np.ndarray:
     """A seeded random key per sample (a permutation of 0..n-1) that depends on its uid rank, not
     on input order."""
     n = len(tiebreak)
-    return np.random.default_rng(seed).permutation(n)[tiebreak].astype(np.int32 if n < 2**31 else np.int64)
+    return np.random.default_rng(seed).permutation(n)[tiebreak].astype(index_dtype(n))
 
 
 def top_global(key: np.ndarray, count: int, tiebreak: np.ndarray) -> np.ndarray:

@@ -38,7 +38,8 @@ import numpy as np
 import polars as pl
 
 from ..errors import UsageError
-from .base import DECISION_COLUMNS, Stage, StageInput, StageResult, decisions_frame, in_chunks, register_stage
+from .base import (DECISION_COLUMNS, Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype,
+                   register_stage)
 
 KEYS = ("uid", "sha256", "url", "sha256_caption")
 POLICIES = ("first", "highest_score", "largest_image")
@@ -297,7 +298,7 @@ class ExactDedup(Stage):
         order = self._priority_order(df)
         alive = np.ones(n, dtype=bool)
         reason = np.zeros(n, dtype=np.int8)  # index into self.keys, for dropped rows
-        idx_t = np.int32 if n < 2**31 else np.int64
+        idx_t = index_dtype(n)
         ref = np.zeros(n, dtype=idx_t)  # the copy that stayed, for dropped rows
         size = np.zeros(n, dtype=idx_t)  # its group's size, for dropped rows
         stats = {"n_in": n}

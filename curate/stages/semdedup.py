@@ -42,7 +42,8 @@ from .. import console
 from ..cluster import (ClusterSpec, UidOrder, cluster_sizes, clustering_for_stage, inverse_permutation, normalise_rows,
                        short_hash)
 from ..errors import UsageError
-from .base import EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, reason_where, register_stage
+from .base import (EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype,
+                   reason_where, register_stage)
 
 KEEP_ORDERS = ("farthest", "closest", "random")
 RULES = ("paper", "greedy")
@@ -194,7 +195,7 @@ class SemDedupCache:
 
     def to_arrays(self, order: UidOrder) -> dict[str, np.ndarray]:
         """What goes into the runner's array cache, in uid order (neighbours as uid ranks)."""
-        nn = np.where(self.nn_pos >= 0, order.rank[np.maximum(self.nn_pos, 0)].astype(_pos_dtype(self.n)), -1)
+        nn = np.where(self.nn_pos >= 0, order.rank[np.maximum(self.nn_pos, 0)].astype(index_dtype(self.n)), -1)
         return {"rank": order.to_uid_order(self.rank), "nn_sim": order.to_uid_order(self.nn_sim),
                 "nn": order.to_uid_order(nn)}
 
@@ -202,7 +203,7 @@ class SemDedupCache:
     def from_arrays(cls, arrays: dict, order: UidOrder, cluster: np.ndarray, dist: np.ndarray,
                     params: dict | None = None) -> "SemDedupCache":
         # neighbour uid ranks -> input positions, in place a chunk at a time (no n-sized temporaries)
-        nn_pos = order.from_uid_order(arrays["nn"]).astype(_pos_dtype(len(order.rank)), copy=False)
+        nn_pos = order.from_uid_order(arrays["nn"]).astype(index_dtype(len(order.rank)), copy=False)
         inv = inverse_permutation(order.rank)
         for s in range(0, len(nn_pos), 1 << 20):
             part = nn_pos[s:s + (1 << 20)]
@@ -213,10 +214,6 @@ class SemDedupCache:
                    nn_sim=order.from_uid_order(arrays["nn_sim"]).astype(np.float32, copy=False), nn_pos=nn_pos,
                    params=dict(params or {}))
 
-
-def _pos_dtype(n: int):
-    """Positions of n rows: int32 while they fit."""
-    return np.int32 if n < 2**31 else np.int64
 
 
 def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *, keep: str = "farthest",
@@ -230,13 +227,13 @@ def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *,
     n = len(cluster)
     cluster = np.asarray(cluster, dtype=np.int32)
     dist = np.asarray(dist, dtype=np.float32)
-    order = cluster_order(cluster, dist, keep, seed, tiebreak).astype(_pos_dtype(n), copy=False)
+    order = cluster_order(cluster, dist, keep, seed, tiebreak).astype(index_dtype(n), copy=False)
     ids, bounds = _segments(cluster[order])
     rank = np.empty(n, dtype=np.int32)
     sizes = np.diff(bounds)
     rank[order] = np.arange(n, dtype=np.int32) - np.repeat(bounds[:-1].astype(np.int32), sizes)
     nn_sim = np.full(n, np.nan, dtype=np.float32)
-    nn_pos = np.full(n, -1, dtype=_pos_dtype(n))
+    nn_pos = np.full(n, -1, dtype=index_dtype(n))
     flops = 0.0
     compute = 0.0
     t0 = time.perf_counter()
@@ -566,7 +563,7 @@ class SemanticDedup(Stage):
         # What the decisions need, and no more: keep and value for every row; the sample each
         # dropped row duplicates, its cluster and rank (for `detail`) for the dropped rows only.
         keep, value, threshold = out.keep, out.value, out.threshold
-        drop = np.flatnonzero(~keep).astype(_pos_dtype(n))
+        drop = np.flatnonzero(~keep).astype(index_dtype(n))
         d_ref, d_cluster, d_rank = out.ref_pos[drop], cache.cluster[drop], cache.rank[drop]
         del cache, out, clu, order
         return StageResult(None, artefacts, stats, chunks=in_chunks(n, lambda s, e: self._decisions(
