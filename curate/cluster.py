@@ -360,7 +360,7 @@ def spherical_kmeans(view: EmbeddingView, k: int, *, niter: int = 20, seed: int 
     t0 = time.perf_counter()
     pos = training_sample(n, m, seed)
     if row_rank is not None:
-        pos = inverse_permutation(row_rank)[pos]  # the rows of those ranks, in rank order
+        pos = rows_of_ranks(row_rank, pos)  # the rows of those ranks, in rank order
     sample = normalise_rows(view.take(pos), inplace=True)
     del pos
     t1 = time.perf_counter()
@@ -430,8 +430,43 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
     """int32 (int64 beyond 2**31 rows) inverse of a permutation of 0..n-1."""
     dt = index_dtype(len(perm))
     inv = np.empty(len(perm), dtype=dt)
-    inv[perm] = np.arange(len(perm), dtype=dt)
+    step = 1 << 20  # a million at a time: no n-sized arange beside the result
+    for s in range(0, len(perm), step):
+        inv[perm[s:s + step]] = np.arange(s, min(s + step, len(perm)), dtype=dt)
     return inv
+
+
+def take_sorted(a: np.ndarray, idx: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """a[idx] for a 1-d array. A memory-mapped `a` (a cache file) is read a million entries at a
+    time with plain file reads, so its pages are never mapped into this process: reading a
+    scattered few entries of a mapped file touches, and keeps resident, nearly all its pages."""
+    idx = np.asarray(idx)
+    if not isinstance(a, np.memmap) or a.filename is None or a.ndim != 1 or not len(idx):
+        return np.asarray(a[idx])
+    srt = np.argsort(idx, kind="stable")
+    want = idx[srt]
+    if want[0] < 0 or want[-1] >= len(a):
+        raise IndexError(f"index out of range for {len(a)} entries")
+    out = np.empty(len(idx), dtype=a.dtype)
+    with open(a.filename, "rb") as f:
+        for s in range(int(want[0]) // chunk * chunk, int(want[-1]) + 1, chunk):
+            lo, hi = np.searchsorted(want, [s, s + chunk])
+            if lo == hi:
+                continue
+            f.seek(a.offset + s * a.itemsize)
+            block = np.fromfile(f, dtype=a.dtype, count=min(chunk, len(a) - s))
+            out[srt[lo:hi]] = block[want[lo:hi] - s]
+    return out
+
+
+def rows_of_ranks(row_rank: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """The rows whose `row_rank` is in `ranks` (sorted), in rank order: what
+    `inverse_permutation(row_rank)[ranks]` gives, with a byte a row of scratch instead of the
+    whole inverse."""
+    want = np.zeros(len(row_rank), dtype=bool)
+    want[ranks] = True
+    rows = np.flatnonzero(want[row_rank])
+    return rows[np.argsort(row_rank[rows], kind="stable")]
 
 
 class UidOrder:

@@ -108,7 +108,12 @@ class ShardEmbeddingView(EmbeddingView):
             arr = self.refs[int(sid[group[0]])].open()
             r = rows[group]
             rorder = np.argsort(r, kind="stable")
-            out[group[rorder]] = np.asarray(arr[r[rorder]], dtype=np.float32)
+            r, dst = r[rorder], group[rorder]
+            # cast into `out` as it is copied: no float32 temporary beside it (128 MiB a 65k-row batch)
+            if (np.diff(r) == 1).all() and (np.diff(dst) == 1).all():
+                out[dst[0]:dst[-1] + 1] = arr[r[0]:r[-1] + 1]  # contiguous on both sides: no copy of the rows at all
+            else:
+                out[dst] = arr[r]
             del arr
         return out
 

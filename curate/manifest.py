@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -130,6 +132,24 @@ SCHEMA = [
 ]
 
 
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def _bytes(size: str) -> float:
+    """DuckDB's size strings ('512MB', '1.5GiB', '100KB') in bytes; inf when not understood, so
+    the other limit wins."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(size))
+    unit = (m.group(2).lower() or "b") if m else ""
+    if not m or unit not in _UNITS:
+        return math.inf
+    return float(m.group(1)) * _UNITS[unit]
+
+
+def _smaller(a: str, b: str) -> str:
+    return a if _bytes(a) <= _bytes(b) else b
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now()
 
@@ -149,7 +169,10 @@ class Manifest:
                 ) from None
             raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
         # Bounded memory: DuckDB spills to the workspace's tmp/ rather than growing with the pool.
+        # `memory_limit` is for whole-pool sorts and joins; `working_memory()` holds the
+        # streaming and per-chunk work of a long command (and the closing checkpoint) to less.
         self.memory_limit = os.environ.get("CURATE_DUCKDB_MEMORY", "512MB")
+        self.working_limit = _smaller(os.environ.get("CURATE_DUCKDB_WORKING_MEMORY", "128MB"), self.memory_limit)
         self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
         if not read_only:
             tmp = self.path.parent / "tmp" / "duckdb"
@@ -178,7 +201,28 @@ class Manifest:
             self.con.execute("SET memory_limit = '16MB'")
         self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
 
+    @contextlib.contextmanager
+    def working_memory(self) -> Iterator[None]:
+        """Hold DuckDB to `working_limit` for the block: scans, chunked inserts and checkpoints
+        need little, and what DuckDB caches up to its limit counts as this process's memory (a
+        10M-sample prune filled the whole 512MB with blocks it never read again)."""
+        old = self.memory_limit
+        self.memory_limit = self.working_limit
+        self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        try:
+            yield
+        finally:
+            self.memory_limit = old
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute(f"SET memory_limit = '{old}'")
+
     def close(self) -> None:
+        if not self.read_only:
+            # Write the WAL into the file under the working limit: closing checkpoints too, and a
+            # checkpoint fills whatever limit it has (~350 MB at 512MB after a 2M-sample prune).
+            # If it cannot, closing checkpoints with the full limit (or the next open replays the WAL).
+            with contextlib.suppress(duckdb.Error), self.working_memory():
+                self.con.execute("CHECKPOINT")
         with contextlib.suppress(Exception):
             self.con.close()
 

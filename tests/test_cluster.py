@@ -209,3 +209,57 @@ def test_stage_glue_cache_order_independence_and_provided(tmp_path):
     bad = frame.with_columns(pl.lit(-1).alias("cluster"))
     with pytest.raises(UsageError):
         clustering_for_stage(StageInput(bad), spec)
+
+
+def test_inverse_permutation_and_rows_of_ranks_across_chunk_boundaries():
+    from curate.cluster import inverse_permutation, rows_of_ranks
+
+    rng = np.random.default_rng(3)
+    for n in (1, 7, (1 << 20) + 5):  # the inverse is filled a million entries at a time
+        perm = rng.permutation(n).astype(np.uint32)
+        inv = inverse_permutation(perm)
+        assert inv.dtype == np.int32
+        assert np.array_equal(perm[inv], np.arange(n))
+        ranks = np.sort(rng.choice(n, size=max(1, n // 5), replace=False))
+        rows = rows_of_ranks(perm, ranks)
+        assert np.array_equal(rows, inv[ranks])  # the rows holding those ranks, in rank order
+        assert np.array_equal(perm[rows], ranks)
+
+
+def test_take_sorted_reads_a_cache_file_by_range(tmp_path):
+    from curate.cluster import take_sorted
+
+    a = np.arange(3_000_000, dtype=np.int32) * 7 - 5
+    np.save(tmp_path / "a.npy", a)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(a), 50_000)  # unsorted, with repeats, across chunk boundaries
+    got = take_sorted(mm, idx, chunk=1 << 18)
+    assert got.dtype == np.int32 and not isinstance(got, np.memmap)
+    assert np.array_equal(got, a[idx])
+    assert np.array_equal(take_sorted(mm, np.array([len(a) - 1, 0])), a[[len(a) - 1, 0]])
+    assert np.array_equal(take_sorted(a, idx[:10]), a[idx[:10]])  # plain arrays: plain indexing
+    with pytest.raises(IndexError):
+        take_sorted(mm, np.array([len(a)]))
+
+
+def test_shard_view_gathers_contiguous_permuted_and_repeated_rows(tmp_path):
+    """Rows read straight into the float32 batch (a slice when contiguous on both sides, else an
+    index copy) come back in the asked order whatever the pattern."""
+    from curate.embeddings import EmbeddingRef, ShardEmbeddingView
+
+    rng = np.random.default_rng(2)
+    refs, arrays = {}, {}
+    for sid, rows in ((0, 50), (3, 40)):
+        a = rng.normal(size=(rows, 8)).astype(np.float16)
+        np.save(tmp_path / f"{sid}.npy", a)
+        arrays[sid] = a
+        refs[sid] = EmbeddingRef("s", sid, "img", str(tmp_path / f"{sid}.npy"), None, None, "float16", rows, 8)
+    frame = pl.DataFrame({"shard_id": [0] * 50 + [3] * 40, "row_idx": list(range(50)) + list(range(40))})
+    view = ShardEmbeddingView(frame, refs)
+    want = np.concatenate([arrays[0], arrays[3]]).astype(np.float32)
+    for sel in (np.arange(90), np.arange(10, 30), np.arange(45, 60), np.array([5, 3, 4, 6]),
+                np.array([0, 2, 1, 3]), np.array([7, 7, 8, 60, 60, 2]), rng.permutation(90)):
+        got = view.take(sel)
+        assert got.dtype == np.float32 and np.array_equal(got, want[sel]), sel
+    assert np.array_equal(np.concatenate([b for _, b in view.chunks(32)]), want)

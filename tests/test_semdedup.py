@@ -574,3 +574,35 @@ def test_group_runs_groups_equal_tuples_and_survives_first_code_collisions():
                 assert len({tuples[i] for i in np.flatnonzero(gid == g)}) == 1
                 assert (np.diff(members) > 0).all()
             assert gid[-1] + 1 == len(set(tuples))
+
+
+def test_cache_loaded_from_files_reads_rank_and_neighbours_lazily(tmp_path):
+    """A cache read back from the runner's array cache gives the same decisions, ranks and
+    neighbours as the one just computed, reading rank and nn for the asked rows only."""
+    from curate.cluster import UidOrder
+    from curate.executors.local import ArrayCache
+    from curate.stages.semdedup import SemDedupCache
+
+    n = 3000
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 16)).astype(np.float32)[rng.integers(0, 40, n)]
+    x += rng.normal(scale=0.05, size=x.shape).astype(np.float32)
+    cluster = rng.integers(0, 12, n).astype(np.int32)
+    dist = rng.random(n).astype(np.float32)
+    uids = pl.Series("uid", rng.permutation(n).astype(np.uint32) * 3 + 11)  # not a whole pool's ranks
+    order = UidOrder(uids)
+    fresh = semdedup_pass(ArrayEmbeddings(x), cluster, dist, tiebreak=order.rank)
+    store = ArrayCache(tmp_path)
+    store.put("k", fresh.to_arrays(order))
+    loaded = SemDedupCache.from_arrays(store.get("k"), UidOrder(uids), cluster, dist)
+    assert loaded._rank is None and loaded._nn_pos is None
+    rows = np.sort(rng.choice(n, 700, replace=False))
+    assert np.array_equal(loaded.rank_of(rows), fresh.rank[rows])
+    assert np.array_equal(loaded.nn_pos_of(rows), fresh.nn_pos[rows])
+    assert loaded._rank is None and loaded._nn_pos is None  # still nothing n-sized
+    a, b = apply_eps(fresh, 0.2), apply_eps(loaded, 0.2)
+    assert np.array_equal(a.keep, b.keep) and 0 < (~a.keep).sum() < n
+    drop = np.flatnonzero(~a.keep)
+    assert np.array_equal(a.ref_of(drop), b.ref_of(drop)) and (b.ref_of(drop) >= 0).all()
+    assert np.array_equal(a.ref_pos, b.ref_pos)
+    assert np.array_equal(loaded.rank, fresh.rank) and np.array_equal(loaded.nn_pos, fresh.nn_pos)

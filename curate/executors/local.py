@@ -49,11 +49,13 @@ class ArrayCache:
         names = json.loads((d / "_complete.json").read_text())["arrays"]
         return {n: np.load(d / f"{n}.npy", mmap_mode="r") for n in names}
 
-    def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+    def put(self, key: str, arrays: dict) -> None:
+        """Arrays, or callables that return one (called one at a time, so big arrays built for
+        the cache need not all exist at once)."""
         d = self._dir(key)
         d.mkdir(parents=True, exist_ok=True)
         for n, a in arrays.items():
-            atomic_save_npy(d / f"{n}.npy", np.asarray(a))
+            atomic_save_npy(d / f"{n}.npy", np.asarray(a() if callable(a) else a))
         with atomic_path(d / "_complete.json") as tmp:
             tmp.write_text(json.dumps({"arrays": sorted(arrays)}))
 
@@ -175,18 +177,25 @@ class PoolSource:
             have = [r[0] for r in self.m.execute("SELECT DISTINCT scorer FROM scores ORDER BY 1").fetchall()]
             raise UsageError(f"no scores of scorer {sc!r} in this workspace (have: {', '.join(have) or 'none'}); "
                              f"run `curate score` or change the recipe's scorer")
-        t = self.m.con.sql("SELECT p.rowid AS rid, s.score FROM scores s JOIN samples p ON p.uid = s.uid "
-                           "WHERE s.scorer = ? AND p.status = 'ok'", params=[sc]).to_arrow_table()
         vals = np.zeros(self.n, dtype=np.float64)
         has = np.zeros(self.n, dtype=bool)
-        pos = self.pos_of_rid[t.column("rid").to_numpy()]
-        score = t.column("score")
-        vals[pos] = score.to_numpy(zero_copy_only=False)
-        has[pos] = score.is_valid().to_numpy(zero_copy_only=False)
+        for rb in self.m.con.sql("SELECT p.rowid AS rid, s.score FROM scores s JOIN samples p ON p.uid = s.uid "
+                                 "WHERE s.scorer = ? AND p.status = 'ok'", params=[sc]).to_arrow_reader(STREAM_BATCH):
+            pos = self.pos_of_rid[rb.column("rid").to_numpy()]
+            score = rb.column("score")
+            vals[pos] = score.to_numpy(zero_copy_only=False)
+            has[pos] = score.is_valid().to_numpy(zero_copy_only=False)
         name = f"score__{sc}"
         if has.all():
             return pl.Series(name, vals)
         return pl.select(pl.when(pl.Series(has)).then(pl.Series(vals)).alias(name)).to_series()
+
+    def rank_at(self, pos: np.ndarray) -> np.ndarray:
+        """uid ranks at these positions (sorted, distinct, as everywhere in the runner): the
+        spine's own array, not a copy, when they are the whole pool."""
+        if len(pos) == self.n and (self.n == 0 or (pos[0] == 0 and pos[-1] == self.n - 1)):
+            return self.rank
+        return self.rank[pos]
 
     @property
     def pos_of_rank(self) -> np.ndarray:
@@ -208,7 +217,7 @@ class PoolSource:
     def base(self, pos: np.ndarray, want: "Wants | None" = None) -> pl.DataFrame:
         """uid (rank) of these positions, and what `want` asks of the spine: shard_id and row_idx,
         scores, decode_error (all of it when want is None)."""
-        cols = [pl.Series("uid", self.rank[pos])]
+        cols = [pl.Series("uid", self.rank_at(pos))]
         if want is None or want.location:
             cols += [pl.Series("shard_id", self.shard_id[pos]), pl.Series("row_idx", self.row_idx[pos])]
         cols += [self.scores[sc].gather(pos) for sc in (want.scorers if want else ())]
@@ -325,8 +334,9 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
     if len(budget_stages) > 1:
         raise UsageError(f"recipe {recipe.name} has several budget stages: {budget_stages}")
     scorers = sorted({s for _, st in stages for s in st.needs_scores()})
-    src = load_pool(manifest, scorers)
-    return _run(ws, manifest, recipe, run_id, stages, src, budget, record)
+    src = load_pool(manifest, scorers)  # whole-pool sorts and joins: DuckDB's full limit
+    with manifest.working_memory():  # then scans and chunked inserts: a small one
+        return _run(ws, manifest, recipe, run_id, stages, src, budget, record)
 
 
 def load_pool(manifest, scorers: list[str]) -> PoolSource:
@@ -465,7 +475,7 @@ class _Pool:
 
     def index(self, pos: np.ndarray) -> np.ndarray:
         """Row of each position's sample in the pool clustering's arrays."""
-        r = self.src.rank[pos]
+        r = self.src.rank_at(pos)
         if self.all_decodable:
             return r
         if self._drank is None:
