@@ -312,6 +312,12 @@ class Manifest:
         self.execute("DELETE FROM decisions WHERE run_id = ?", [run_id])
         self.execute("DELETE FROM stage_stats WHERE run_id = ?", [run_id])
 
+    def drop_run(self, run_id: int) -> None:
+        """Delete a prune run's decisions and stage stats; its `runs` row stays, as `dropped`."""
+        with self.transaction():
+            self.discard_decisions(run_id)
+            self.execute("UPDATE runs SET status = 'dropped' WHERE run_id = ?", [run_id])
+
     def clear_unfinished(self, command: str) -> list[int]:
         """Runs of `command` left 'running' by a killed process become 'interrupted', and every
         unfinished run's decisions are deleted. Call only while holding the workspace lock (then
