@@ -31,9 +31,10 @@ def prune_runs(m) -> list[dict]:
     return out
 
 
-def runs_to_drop(runs: list[dict], drop: list[int], keep_last: int | None, unfinished: bool) -> list[int]:
-    """The run ids the options name: explicit ids (each must be a prune run), every finished run
-    but the newest `keep_last`, every unfinished one. Already dropped runs are left out."""
+def runs_to_drop(runs: list[dict], drop: list[int], keep_last: int | None) -> list[int]:
+    """The run ids the options name: explicit ids (each must be a prune run) and every finished
+    run but the newest `keep_last`. Already dropped runs are left out. (A failed or interrupted
+    run's decisions are deleted when it ends, or by the next prune if it was killed.)"""
     by_id = {r["run_id"]: r for r in runs}
     missing = [i for i in drop if i not in by_id]
     if missing:
@@ -44,8 +45,6 @@ def runs_to_drop(runs: list[dict], drop: list[int], keep_last: int | None, unfin
             raise UsageError("--keep-last must be >= 0")
         ok = [r["run_id"] for r in runs if r["status"] == "ok"]  # newest first
         chosen.update(ok[keep_last:])
-    if unfinished:
-        chosen.update(r["run_id"] for r in runs if r["status"] not in ("ok", "dropped", "running"))
     running = [i for i in chosen if by_id[i]["status"] == "running"]
     if running:
         raise UsageError(f"run {running[0]} is still running; it cannot be dropped")
@@ -59,8 +58,6 @@ def runs(
         "--drop", help="Drop this prune run's decisions, stage stats and artefacts (repeatable).")] = None,
     keep_last: Annotated[Optional[int], typer.Option(
         "--keep-last", help="Drop every finished prune run but the newest N.")] = None,
-    unfinished: Annotated[bool, typer.Option(
-        "--unfinished", help="Drop every failed or interrupted prune run.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be dropped; change nothing.")] = False,
     json_output: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
@@ -69,18 +66,18 @@ def runs(
     Every prune run keeps one decision row per sample per stage (about 30 bytes a row: ~1.3 GB
     for the dbp recipe over 10M samples). Dropping a run deletes its decisions, funnel and
     `WS/runs/<id>/` artefacts; its `runs` row stays, with status `dropped`, so the history of
-    what was run is kept. Export, verify-submission and reports never read a dropped run.
-    DuckDB reuses the freed space for later runs.
+    what was run is kept; nothing that reads decisions (export, verify-submission) takes a
+    dropped run. DuckDB reuses the freed space for later runs; the file does not shrink.
 
     Examples: `curate runs -w ws/` · `curate runs -w ws/ --keep-last 3` · `curate runs -w ws/ --drop 7 --drop 9`
     """
     setup(json_output, quiet, debug)
-    changing = bool(drop) or keep_last is not None or unfinished
+    changing = bool(drop) or keep_last is not None
     ws = Workspace.open(workspace, write=changing and not dry_run)
     try:
         with open_manifest(ws, read_only=not changing or dry_run) as m:
             listed = prune_runs(m)
-            ids = runs_to_drop(listed, list(drop or []), keep_last, unfinished) if changing else []
+            ids = runs_to_drop(listed, list(drop or []), keep_last) if changing else []
             rows = sum(r["decisions"] for r in listed if r["run_id"] in ids)
             if ids and not dry_run:
                 with console.progress() as bar:
