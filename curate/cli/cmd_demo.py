@@ -39,7 +39,8 @@ def demo(
     """Run the pipeline end to end on synthetic pools: synth → ingest → train a filter on a clean
     pool → score the noisy pool with it (ROC-AUC against the synth truth) → caption-quality
     pruning (recall and false drops against the truth) → on a DataComp-layout pool: exact dedup,
-    SemDeDup and DBP to a budget vs a random subset (duplicate recall, cluster balance, cache reuse
+    SemDeDup and DBP to a budget vs a random subset (duplicate recall, cluster balance of DBP's
+    quotas filled hardest-first and at random, cache reuse
     on a rerun with a new eps and budget) → export (webdataset shards + DataComp
     uids, verified) → status.
 
@@ -91,6 +92,9 @@ def demo(
     _step(["prune", "-w", str(dcws), "--pipeline", "dbp", "--budget", str(dc_n // 4)])
     # New eps and budget: clustering and pairwise similarities come from the cache.
     _step(["prune", "-w", str(dcws), "--pipeline", "dbp", "--budget", budget, "--set", "semdedup.eps=0.06"])
+    # The same quotas, filled at random within each cluster instead of hardest first.
+    _step(["prune", "-w", str(dcws), "--pipeline", "dbp", "--budget", budget, "--set", "semdedup.eps=0.06",
+           "--set", "dbp.keep=random"])
     _step(["prune", "-w", str(dcws), "--pipeline", "random", "--budget", budget])
     from ..evaluate import cluster_balance, dedup_report
 
@@ -98,9 +102,9 @@ def demo(
         truth = load_truth(dc)
         runs = [r for (r,) in m.execute("SELECT run_id FROM runs WHERE command = 'prune' AND status = 'ok' "
                                         "ORDER BY run_id").fetchall()]
-        dbp_run, random_run = runs[-2], runs[-1]
+        dbp_run, quota_run, random_run = runs[-3], runs[-2], runs[-1]
         dd = dedup_report(m, truth, dbp_run, ("exact_dedup", "semdedup"))
-        b_dbp, b_rand = cluster_balance(m, truth, dbp_run), cluster_balance(m, truth, random_run)
+        b_dbp, b_quota, b_rand = (cluster_balance(m, truth, r) for r in (dbp_run, quota_run, random_run))
         cached = m.frame("SELECT stage, params FROM stage_stats WHERE run_id = ? AND stage IN ('semdedup', 'dbp')",
                          [dbp_run])
     console.stdout.print(
@@ -109,9 +113,11 @@ def demo(
         f"false removals {dd['false_removal_rate']:.2%}, recorded duplicate-of in the same group "
         f"{dd['ref_in_same_group']:.1%}")
     console.stdout.print(
-        f"[bold]cluster balance of {b_dbp['kept']:,} kept (truth clusters):[/bold] DBP entropy "
-        f"{b_dbp['entropy']:.3f}, largest cluster {b_dbp['max_share']:.1%} — random entropy {b_rand['entropy']:.3f}, "
-        f"largest cluster {b_rand['max_share']:.1%}")
+        f"[bold]cluster balance of {b_dbp['kept']:,} kept over {b_dbp['clusters']} truth clusters[/bold] "
+        f"(normalised entropy, largest cluster's share, clusters covered):")
+    for name, b in (("random subset", b_rand), ("DBP quotas, random within clusters", b_quota),
+                    ("DBP quotas, hardest within clusters (dbp.toml)", b_dbp)):
+        console.stdout.print(f"  {name}: {b['entropy']:.3f}, {b['max_share']:.1%}, {b['clusters_covered']}")
     import json as _json
     for stage, params in cached.rows():
         st = _json.loads(params).get("stats", {})
