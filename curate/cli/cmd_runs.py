@@ -66,7 +66,7 @@ def runs(
     Every prune run keeps one decision row per sample per stage (about 30 bytes a row: ~1.3 GB
     for the dbp recipe over 10M samples). Dropping a run deletes its decisions, funnel and
     `WS/runs/<id>/` artefacts; its `runs` row stays, with status `dropped`, so the history of
-    what was run is kept; nothing that reads decisions (export, verify-submission) takes a
+    what was run is kept; nothing that reads decisions (export, train-filter) takes a
     dropped run. DuckDB reuses the freed space for later runs; the file does not shrink.
 
     Examples: `curate runs -w ws/` · `curate runs -w ws/ --keep-last 3` · `curate runs -w ws/ --drop 7 --drop 9`
