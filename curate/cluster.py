@@ -41,9 +41,10 @@ from .stages.base import EmbeddingView, index_dtype
 DEFAULT_CHUNK_ROWS = 65536
 # FAISS's default max_points_per_centroid: more training points than this per centroid add little.
 POINTS_PER_CENTROID = 256
-# Cap on the training sample whatever k is: 2**19 rows, and at most MAX_TRAIN_BYTES of float32
-# (256 MiB: 131,072 rows at d = 512, 87,381 at d = 768), so the sample's memory does not grow
-# with k or the embedding size. FAISS itself warns below 39 points per centroid.
+# Cap on the training sample: 2**19 rows, and at most MAX_TRAIN_BYTES of float32 (256 MiB:
+# 131,072 rows at d = 512, 87,381 at d = 768), so the sample's memory does not grow with the
+# embedding size; but never under 39 points per centroid (FAISS warns below that), so above
+# k = 3,361 at d = 512 it grows with k (195,000 rows, 381 MiB, at k = 5000).
 MAX_TRAIN_ROWS = 1 << 19
 MAX_TRAIN_BYTES = 256 << 20
 MIN_POINTS_PER_CENTROID = 39
