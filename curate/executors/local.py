@@ -25,7 +25,7 @@ from ..cluster import inverse_permutation
 from ..embeddings import ShardEmbeddingView, refs
 from ..errors import CurateError, UsageError
 from ..recipes import Recipe
-from ..stages.base import DECISION_COLUMNS, Stage, StageInput, get_stage, index_dtype
+from ..stages.base import DECISION_COLUMNS, REF_ROW, Stage, StageInput, get_stage, index_dtype
 from ..workspace import atomic_path, atomic_save_npy
 from .runs import RunBuilder, RunInverse
 
@@ -316,6 +316,8 @@ def _check_decisions(sid: str, inp_uid: pl.Series, dec: pl.DataFrame) -> tuple[p
             cols.append(pl.col(c))
         else:
             cols.append(pl.col(c).cast(t))
+    if REF_ROW in dec.columns:
+        cols.append(pl.col(REF_ROW).cast(pl.Int64))
     dec = dec.select(cols)
     if dec.height == len(inp_uid) and dec["uid"].equals(inp_uid):
         return dec, True  # aligned with the input (uids in the input are unique): nothing more to check
@@ -442,9 +444,13 @@ def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str
             ref = part["ref_uid"]
             has = ref.is_not_null().to_numpy()
             r = np.full(len(ref), -1, dtype=src.rid.dtype)
-            r[has] = src.rid[src.pos_of_rank[ref.fill_null(0).to_numpy()[has]]]
+            if "_ref_pos" in part.columns:  # the stage said which input row: no uid → position inverse
+                r[has] = src.rid[part["_ref_pos"].to_numpy()[has]]
+            else:
+                r[has] = src.rid[src.pos_of_rank[ref.fill_null(0).to_numpy()[has]]]
             cols.append(pl.select(pl.when(pl.Series(has)).then(pl.Series(r))).to_series().alias("_ref"))
-        table = part.drop(["uid"] + (["ref_uid"] if ref_rank else [])).with_columns(cols).with_row_index("_i").to_arrow()
+        drop = ["uid"] + (["ref_uid"] if ref_rank else []) + (["_ref_pos"] if "_ref_pos" in part.columns else [])
+        table = part.drop(drop).with_columns(cols).with_row_index("_i").to_arrow()
         manifest.con.register("_curate_dec", table)
         try:
             manifest.execute(sql, [sid])
@@ -557,7 +563,7 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
             out = _positions(sid, src, uid.slice(at, h).to_frame(), pos[at:at + h], dec)
             at += h
             del dec
-            yield out
+            yield _ref_positions(sid, out, pos)
         if at != len(uid):
             raise CurateError(f"stage {sid} returned {at} decisions for {len(uid)} samples")
     return _StageRun(global_chunks)
@@ -585,6 +591,21 @@ def _positions(sid: str, src: PoolSource, frame: pl.DataFrame, pos: np.ndarray, 
     if aligned:
         return dec, pos
     return dec, src.pos_of_rank[dec["uid"].to_numpy()].astype(np.int64)
+
+
+def _ref_positions(sid: str, out: tuple[pl.DataFrame, np.ndarray], pos: np.ndarray):
+    """A stage's `REF_ROW` column (rows of its input) as `_ref_pos`, pool positions."""
+    dec, dec_pos = out
+    if REF_ROW not in dec.columns:
+        return out
+    rows = dec[REF_ROW]
+    has = rows.is_not_null().to_numpy()
+    r = rows.fill_null(0).to_numpy()
+    if has.any() and (r[has].min() < 0 or r[has].max() >= len(pos)):
+        raise CurateError(f"stage {sid} returned {REF_ROW} outside its {len(pos)} input rows")
+    ref_pos = np.full(len(r), -1, dtype=np.int64)
+    ref_pos[has] = pos[r[has]]
+    return dec.drop(REF_ROW).with_columns(pl.Series("_ref_pos", ref_pos)), dec_pos
 
 
 def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.ndarray, manifest, cache) -> None:

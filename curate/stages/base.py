@@ -45,6 +45,12 @@ DECISION_COLUMNS = {
 }
 
 
+# Optional decisions column: the input row (0-based, in the stage's input frame) of the sample
+# `ref_uid` names, null where there is none. The runner then finds that sample directly instead
+# of mapping uids back to pool positions (an inverse of 4 bytes a pool sample).
+REF_ROW = "_ref_row"
+
+
 def decisions_frame(uid, keep, reason=None, value=None, threshold=None, ref_uid=None, detail=None) -> pl.DataFrame:
     """Build a decisions frame; scalars broadcast, Series/arrays are taken as columns.
 

@@ -42,7 +42,7 @@ from .. import console
 from ..cluster import (ClusterSpec, UidOrder, cluster_sizes, clustering_for_stage, normalise_rows, rows_of_ranks,
                        short_hash, take_sorted)
 from ..errors import UsageError
-from .base import (EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype,
+from .base import (REF_ROW, EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype,
                    reason_where, register_stage)
 
 KEEP_ORDERS = ("farthest", "closest", "random")
@@ -174,7 +174,7 @@ class SemDedupCache:
     """
 
     cluster: np.ndarray       # int32
-    dist: np.ndarray          # float32, distance to centroid (defines the order)
+    dist: np.ndarray | None   # float32, distance to centroid (defines the order); None once let go
     _rank: np.ndarray | None  # int32, position in the cluster order (0 = kept first)
     nn_sim: np.ndarray        # float32, NaN for the first sample of a cluster
     _nn_pos: np.ndarray | None  # int32 (int64 past 2**31 rows) input position of that earlier neighbour, -1 for none
@@ -226,7 +226,9 @@ class SemDedupCache:
         nn_uid = pl.select(pl.when(pl.Series(has)).then(nn_uid)).to_series()
         return pl.DataFrame({
             "uid": uids, "cluster": pl.Series(self.cluster, dtype=pl.Int32),
-            "centroid_dist": pl.Series(self.dist, dtype=pl.Float32), "rank": pl.Series(self.rank, dtype=pl.Int32),
+            "centroid_dist": (pl.Series(self.dist, dtype=pl.Float32) if self.dist is not None
+                              else const_column(None, self.n, pl.Float32)),
+            "rank": pl.Series(self.rank, dtype=pl.Int32),
             "nn_sim": pl.Series(self.nn_sim, dtype=pl.Float32).fill_nan(None), "nn_uid": nn_uid.alias("nn_uid"),
         })
 
@@ -253,18 +255,24 @@ class SemDedupCache:
                    params=dict(params or {}), _stored=((arrays["rank"], arrays["nn"]), order))
 
 
-def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *, keep: str = "farthest",
+def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray | None, *, keep: str = "farthest",
                   seed: int = 0, tiebreak: np.ndarray | None = None, block_rows: int = 512,
-                  tile_cols: int = 8192, batch_rows: int = 65536, progress=None) -> SemDedupCache:
+                  tile_cols: int = 8192, batch_rows: int = 65536, progress=None,
+                  order: np.ndarray | None = None) -> SemDedupCache:
     """The one expensive step: nn_sim / nn_pos for every sample, cluster batch by cluster batch.
 
     Clusters are gathered from the view `batch_rows` rows at a time (a cluster larger than that
-    alone); memory is that batch plus one block_rows × tile_cols similarity tile.
+    alone); memory is that batch plus one block_rows × tile_cols similarity tile. `order` is
+    `cluster_order(cluster, dist, keep, seed, tiebreak)` when the caller has it (and may then
+    have let `dist` go: the cache holds it only when given).
     """
     n = len(cluster)
     cluster = np.asarray(cluster, dtype=np.int32)
-    dist = np.asarray(dist, dtype=np.float32)
-    order = cluster_order(cluster, dist, keep, seed, tiebreak).astype(index_dtype(n), copy=False)
+    if dist is not None:
+        dist = np.asarray(dist, dtype=np.float32)
+    if order is None:
+        order = cluster_order(cluster, dist, keep, seed, tiebreak)
+    order = order.astype(index_dtype(n), copy=False)
     ids, bounds = _segments(cluster[order])
     rank = np.empty(n, dtype=np.int32)
     sizes = np.diff(bounds)
@@ -592,10 +600,14 @@ class SemanticDedup(Stage):
             view = inp.embedding(self.scorer, self.kind)
             with console.progress(transient=True) as bar:
                 task = bar.add_task("semdedup: similarities within clusters", total=n)
-                cache = semdedup_pass(view, clu.cluster, clu.dist, keep=self.keep, seed=seed, tiebreak=order.rank,
+                corder = cluster_order(clu.cluster, clu.dist, self.keep, seed, order.rank)
+                corder = corder.astype(index_dtype(n), copy=False)
+                clu.dist = None  # only the order needed it: 4 bytes a sample fewer while the pass runs
+                cache = semdedup_pass(view, clu.cluster, None, keep=self.keep, seed=seed, order=corder,
                                       block_rows=self.block_rows, tile_cols=self.tile_cols,
                                       batch_rows=self.batch_rows,
                                       progress=lambda done: bar.update(task, completed=done))
+                del corder
             if cache_store is not None:
                 cache_store.put(key, cache.to_arrays(order))
             stats["similarities"] = "computed"
@@ -641,4 +653,4 @@ class SemanticDedup(Stage):
             value=pl.Series(value[start:stop]).fill_nan(None),
             threshold=const_column(threshold, stop - start, pl.Float64),
             ref_uid=uids.gather(ref_idx), detail=detail,
-        )
+        ).with_columns(ref_idx.cast(pl.Int64).alias(REF_ROW))
