@@ -63,8 +63,12 @@ class Workspace:
         """fp16 .npy of one shard's embeddings for one scorer; kind is 'img', 'txt' or 'img_flip'."""
         return self.embeddings_dir(scorer) / f"{shard_id:08d}.{kind}.npy"
 
+    def run_path(self, run_id: int) -> Path:
+        """Where a run's artefacts go (`runs/<id>/`), whether or not it exists."""
+        return self.root / "runs" / f"{run_id:06d}"
+
     def run_dir(self, run_id: int) -> Path:
-        d = self.root / "runs" / f"{run_id:06d}"
+        d = self.run_path(run_id)
         d.mkdir(parents=True, exist_ok=True)
         return d
 

@@ -84,7 +84,7 @@ def runs(
                     task = bar.add_task("dropping runs", total=len(ids))
                     for rid in ids:
                         m.drop_run(rid)
-                        shutil.rmtree(ws.root / "runs" / f"{rid:06d}", ignore_errors=True)
+                        shutil.rmtree(ws.run_path(rid), ignore_errors=True)
                         bar.advance(task)
                 listed = prune_runs(m)
     finally:
