@@ -21,11 +21,11 @@ import numpy as np
 import polars as pl
 
 from .. import console
-from ..cluster import inverse_permutation
+from ..cluster import StageClustering, compute_clustering, inverse_permutation
 from ..embeddings import ShardEmbeddingView, refs
 from ..errors import CurateError, UsageError
 from ..recipes import Recipe
-from ..stages.base import DECISION_COLUMNS, REF_ROW, Stage, StageInput, get_stage, index_dtype
+from ..stages.base import DECISION_COLUMNS, REF_ROW, Stage, StageInput, bitmap_fingerprint, get_stage, index_dtype
 from ..workspace import atomic_path, atomic_save_npy
 from .runs import RunBuilder, RunInverse
 
@@ -472,8 +472,6 @@ class _Pool:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            from ..stages.base import bitmap_fingerprint
-
             bits = (np.ones(self.src.n, dtype=bool) if self.all_decodable
                     else self.src.decodable[self.src.pos_of_rank])
             self._fingerprint = bitmap_fingerprint(bits, self.src.pool_key)
@@ -485,20 +483,17 @@ class _Pool:
         if self.all_decodable:
             return r
         if self._drank is None:
-            self._drank = np.cumsum(self.src.decodable[self.src.pos_of_rank], dtype=np.int32) - 1
+            self._drank = np.cumsum(self.src.decodable[self.src.pos_of_rank], dtype=index_dtype(self.src.n)) - 1
         return self._drank[r]
 
     def clustering(self, stage: Stage, spec, manifest, cache) -> tuple[dict, str]:
         """(arrays cluster/dist/centroids in pool order, 'cache' | 'computed') for `spec`."""
-        from ..cluster import compute_clustering
-        from ..embeddings import ShardEmbeddingView, refs
-
         key = f"clustering-{spec.key()}-{self.fingerprint()}"
         got = cache.get(key)
         if got is not None:
             return got, "cache"
         src = self.src
-        pos = None if self.all_decodable else np.flatnonzero(src.decodable).astype(np.int32)
+        pos = None if self.all_decodable else np.flatnonzero(src.decodable).astype(index_dtype(src.n), copy=False)
         view = ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, spec.scorer, spec.kind),
                                      spec.scorer, spec.kind)
         row = src.rank if pos is None else self.index(pos)  # each view row's place in pool order
@@ -612,8 +607,6 @@ def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.n
     """Cluster the run's whole pool once (cached across runs) and hand the stage that clustering
     restricted to its input (`inp.clusterings`), so a new eps, budget or upstream filter never
     re-clusters."""
-    from ..cluster import StageClustering
-
     src = pool.src
     spec = stage.cluster_spec(inp)
     bad = int((~src.decodable[pos]).sum())
