@@ -9,8 +9,6 @@ that do not fall into long runs are kept as they are.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
 
 from ..stages.base import index_dtype
@@ -27,14 +25,6 @@ class RunArray:
         b = RunBuilder(step, a.dtype)
         b.add(a)
         self.__dict__.update(b.finish().__dict__)
-
-    @classmethod
-    def from_chunks(cls, chunks: Iterable[np.ndarray], step: int, dtype) -> "RunArray":
-        """RunArray(np.concatenate(chunks), step), built a chunk at a time (see RunBuilder)."""
-        b = RunBuilder(step, dtype)
-        for a in chunks:
-            b.add(a)
-        return b.finish()
 
     @classmethod
     def _make(cls, n: int, step: int, dtype, mx: int, dense=None, starts=None, values=None) -> "RunArray":
