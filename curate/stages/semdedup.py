@@ -206,11 +206,10 @@ class SemDedupCache:
 
     def nn_pos_of(self, rows: np.ndarray) -> np.ndarray:
         """Input position of each row's nearest earlier neighbour, -1 for none."""
-        dt = index_dtype(self.n)
         if self._nn_pos is not None:
             return self._nn_pos[rows]
         (_, nn_u), order = self._stored
-        nn = take_sorted(nn_u, order.rank[rows]).astype(dt, copy=False)  # neighbours' uid ranks
+        nn = take_sorted(nn_u, order.rank[rows]).astype(index_dtype(self.n), copy=False)  # neighbours' uid ranks
         has = nn >= 0
         ranks, back = np.unique(nn[has], return_inverse=True)
         nn[has] = rows_of_ranks(order.rank, ranks)[back]
@@ -332,13 +331,12 @@ class DedupOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
     refs_where_dropped: bool = False
 
-    def ref_of(self, rows) -> np.ndarray:
-        """ref positions of these rows (an index array or a slice)."""
+    def ref_of(self, rows: np.ndarray) -> np.ndarray:
+        """ref positions of these rows (an index array); a new array, never a view of the cache."""
         if not self.refs_where_dropped:
             return self.refs[rows]
         ref = self.refs(rows)
-        ref[self.keep[rows]] = -1
-        return ref
+        return np.where(self.keep[rows], -1, ref).astype(ref.dtype, copy=False)
 
     @property
     def ref_pos(self) -> np.ndarray:
