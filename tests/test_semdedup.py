@@ -359,6 +359,9 @@ def test_exact_dedup_first_policy_sha_and_url():
     assert d[u[0]]["ref_uid"] == d[u[1]]["ref_uid"] == u[2]
     assert d[u[0]]["reason"] == "duplicate_sha256" and d[u[0]]["value"] == 3
     assert not d[u[7]]["keep"] and d[u[7]]["ref_uid"] == u[6]
+    # the runner's pointer to the copy that stayed: its input row, null for kept rows
+    assert d[u[0]]["_ref_row"] == d[u[1]]["_ref_row"] == 2 and d[u[7]]["_ref_row"] == 6
+    assert d[u[2]]["_ref_row"] is None and d[u[5]]["_ref_row"] is None
     # url: rows 3 and 4 normalise to the same URL; 3 is (2,0), 4 is (1,1): 4 stays
     assert d[u[4]]["keep"] and d[u[3]]["reason"] == "duplicate_url" and d[u[3]]["ref_uid"] == u[4]
     assert d[u[5]]["keep"]  # null sha256 never matches

@@ -38,8 +38,8 @@ import numpy as np
 import polars as pl
 
 from ..errors import UsageError
-from .base import (DECISION_COLUMNS, Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype,
-                   register_stage)
+from .base import (DECISION_COLUMNS, REF_ROW, Stage, StageInput, StageResult, decisions_frame, in_chunks,
+                   index_dtype, register_stage)
 
 KEYS = ("uid", "sha256", "url", "sha256_caption")
 POLICIES = ("first", "highest_score", "largest_image")
@@ -338,5 +338,6 @@ class ExactDedup(Stage):
             return decisions_frame(uid.slice(s, e - s), pl.Series(alive[s:e]),
                                    reason=_where(gone, names.gather(reason[s:e])),
                                    value=_where(gone, pl.Series("value", size[s:e], dtype=pl.Float64)),
-                                   ref_uid=_where(gone, uid.gather(ref[s:e])).alias("ref_uid"))
+                                   ref_uid=_where(gone, uid.gather(ref[s:e])).alias("ref_uid"),
+                                   ).with_columns(_where(gone, pl.Series(REF_ROW, ref[s:e], dtype=pl.Int64)))
         return StageResult(None, {}, stats, chunks=in_chunks(n, build))
