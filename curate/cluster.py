@@ -321,34 +321,41 @@ class NearestIP:
 
 
 def assign(view: EmbeddingView, centroids: np.ndarray, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-           device: Device | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (max inner product) for every row, streamed: (int32 ids, float32 1-cos)."""
+           device: Device | None = None, progress=None, sink=None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (max inner product) for every row, streamed: (int32 ids, float32 1-cos).
+    With `sink`, each chunk goes to `sink(start, ids, dist)` instead (nothing n-sized is built;
+    returns (None, None))."""
     search = NearestIP(centroids, device)
-    ids = np.empty(view.n, dtype=np.int32)
-    dist = np.empty(view.n, dtype=np.float32)
+    ids = np.empty(view.n if sink is None else 0, dtype=np.int32)
+    dist = np.empty(view.n if sink is None else 0, dtype=np.float32)
     for start, block in view.chunks(chunk_rows):
         x = normalise_rows(block, inplace=True)
         del block
         sims, nn = search.search(x)
         stop = start + len(x)
-        ids[start:stop] = nn
-        dist[start:stop] = np.float32(1.0) - sims
+        if sink is not None:
+            sink(start, nn.astype(np.int32), np.float32(1.0) - sims)
+        else:
+            ids[start:stop] = nn
+            dist[start:stop] = np.float32(1.0) - sims
         del x, sims, nn
         if progress is not None:
             progress(stop)
-    return ids, dist
+    return (ids, dist) if sink is None else (None, None)
 
 
 def spherical_kmeans(view: EmbeddingView, k: int, *, niter: int = 20, seed: int = 0,
                      sample_size: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                      device: str | Device | None = "auto", row_rank: np.ndarray | None = None,
-                     progress=None) -> ClusterResult:
+                     progress=None, sink=None) -> ClusterResult:
     """Train on a seeded sample of the view, then assign every row in streamed chunks.
 
     `row_rank` (a permutation of 0..N-1, e.g. each row's uid rank) makes the result independent
     of the order of the rows: the sample is drawn over ranks and trained in rank order.
     k is capped at the number of rows (recorded as `k` vs `k_requested` in params).
     Deterministic for (view contents, k, niter, seed, sample_size) on one FAISS build.
+    With `sink`, the assignments go to it chunk by chunk (see `assign`) and the result's
+    assignments and distances are None.
     """
     dev = device if isinstance(device, Device) else resolve_device(device)
     n, d = view.n, view.dim
@@ -368,14 +375,22 @@ def spherical_kmeans(view: EmbeddingView, k: int, *, niter: int = 20, seed: int 
     centroids = train_centroids(sample, k_eff, niter=niter, seed=seed, device=dev)
     del sample
     t2 = time.perf_counter()
-    ids, dist = assign(view, centroids, chunk_rows=chunk_rows, device=dev, progress=progress)
+    sizes = np.zeros(k_eff, dtype=np.int64)
+
+    def counted(start, ids, dist):
+        sizes[:] += np.bincount(ids, minlength=k_eff)
+        sink(start, ids, dist)
+    ids, dist = assign(view, centroids, chunk_rows=chunk_rows, device=dev, progress=progress,
+                       sink=None if sink is None else counted)
+    if sink is None:
+        sizes = cluster_sizes(ids, k_eff)
     t3 = time.perf_counter()
     import faiss
 
     params = {
         "algorithm": "spherical_kmeans", "k": k_eff, "k_requested": int(k), "niter": int(niter),
         "seed": int(seed), "sample_size": int(m), "n": int(n), "dim": int(d), "device": str(dev),
-        "faiss_version": faiss.__version__, "empty_clusters": int((cluster_sizes(ids, k_eff) == 0).sum()),
+        "faiss_version": faiss.__version__, "empty_clusters": int((sizes == 0).sum()),
         "seconds_sample": round(t1 - t0, 3), "seconds_train": round(t2 - t1, 3), "seconds_assign": round(t3 - t2, 3),
     }
     return ClusterResult(ids, dist, centroids, params)
@@ -609,7 +624,8 @@ def clustering_for_stage(inp, spec: ClusterSpec, *, order: UidOrder | None = Non
 
 
 def compute_clustering(view: EmbeddingView, spec: ClusterSpec, row_rank: np.ndarray | None, *,
-                       device: str | Device | None = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ClusterResult:
+                       device: str | Device | None = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                       sink=None) -> ClusterResult:
     """`spherical_kmeans` with `spec`'s parameters, under a progress bar."""
     from . import console
 
@@ -617,4 +633,4 @@ def compute_clustering(view: EmbeddingView, spec: ClusterSpec, row_rank: np.ndar
         task = bar.add_task(f"k-means (k={spec.k}): train, then assign", total=view.n)
         return spherical_kmeans(view, spec.k, niter=spec.niter, seed=spec.seed, sample_size=spec.sample_size,
                                 chunk_rows=chunk_rows, device=device, row_rank=row_rank,
-                                progress=lambda done: bar.update(task, completed=done))
+                                progress=lambda done: bar.update(task, completed=done), sink=sink)

@@ -73,19 +73,24 @@ class ShardEmbeddingView(EmbeddingView):
 
     @classmethod
     def at(cls, shard_ids, row_idx, pos: np.ndarray | None, shard_refs: dict[int, EmbeddingRef],
-           scorer: str = "", kind: str = "") -> "ShardEmbeddingView":
+           scorer: str = "", kind: str = "", only: np.ndarray | None = None) -> "ShardEmbeddingView":
         """Input row i is the sample at position pos[i] (i itself when pos is None) of the
-        `shard_ids` / `row_idx` columns (anything indexable by an int array)."""
+        `shard_ids` / `row_idx` columns (anything indexable by an int array). `only` (a mask
+        over the rows, with pos None): the rows that will be read, whose shards must have
+        embeddings."""
         view = cls.__new__(cls)
-        view._setup(shard_ids, row_idx, pos, len(shard_ids) if pos is None else len(pos), shard_refs, scorer, kind)
+        view._setup(shard_ids, row_idx, pos, len(shard_ids) if pos is None else len(pos), shard_refs, scorer, kind,
+                    only)
         return view
 
-    def _setup(self, shard_ids, row_idx, pos, n: int, shard_refs, scorer: str, kind: str) -> None:
+    def _setup(self, shard_ids, row_idx, pos, n: int, shard_refs, scorer: str, kind: str, only=None) -> None:
         self.shard_ids, self.row_idx, self.pos, self.n = shard_ids, row_idx, pos, n
         self.refs = shard_refs
         present: set[int] = set()
         for s in range(0, n, 1 << 20):  # a chunk at a time: no n-sized temporaries
             sel = np.arange(s, min(n, s + (1 << 20)))
+            if only is not None:
+                sel = sel[only[sel]]
             present.update(np.unique(shard_ids[sel if pos is None else pos[sel]]).tolist())
         missing = present - set(shard_refs)
         if missing:

@@ -122,7 +122,7 @@ def test_blocked_paper_and_greedy_equal_dense_reference(eps, keep):
     want_keep, want_ref = dense_reference(x, cluster, dist, eps, keep, 5, tb)
     assert np.array_equal(got.keep, want_keep)
     assert np.array_equal(got.ref_pos, want_ref)
-    g = apply_eps(cache, eps, "greedy", ArrayEmbeddings(x))
+    g = apply_eps(cache, eps, "greedy")
     gk, gr = dense_greedy(x, cluster, dist, eps, keep, 5, tb)
     assert np.array_equal(g.keep, gk)
     assert np.array_equal(g.ref_pos, gr)
@@ -290,12 +290,8 @@ def test_calibration_paper_exact_and_greedy_close():
         assert apply_eps(cache, eps).keep.sum() == round(f * n)
     eps, _ = calibrate_eps(cache, 1.0)
     assert apply_eps(cache, eps).keep.all()
-    table = cache.to_frame(uids_for(n))
-    has = cache.nn_pos >= 0
-    assert table["nn_uid"].to_numpy()[has].tolist() == uids_for(n).to_numpy()[cache.nn_pos[has]].tolist()
-    assert table["nn_uid"].null_count() == int((~has).sum()) == table["nn_sim"].null_count()
-    eps, info = calibrate_eps(cache, 0.7, "greedy", ArrayEmbeddings(x), seed=1, sample_rows=400)
-    got = apply_eps(cache, eps, "greedy", ArrayEmbeddings(x)).keep.mean()
+    eps, info = calibrate_eps(cache, 0.7, "greedy", seed=1, sample_rows=400)
+    got = apply_eps(cache, eps, "greedy").keep.mean()
     assert info["calibration_rows"] < n
     assert abs(got - 0.7) < 0.05
     stage = get_stage("semdedup")(target_keep=0.6)
@@ -592,10 +588,10 @@ def test_group_runs_groups_equal_tuples_and_survives_first_code_collisions():
             assert gid[-1] + 1 == len(set(tuples))
 
 
-def test_cache_loaded_from_files_reads_rank_and_neighbours_lazily(tmp_path):
-    """A cache read back from the runner's array cache gives the same decisions, ranks and
-    neighbours as the one just computed, reading rank and nn for the asked rows only."""
-    from curate.cluster import UidOrder
+def test_cache_files_give_the_decisions_of_the_computed_pass(tmp_path):
+    """The pass written to the runner's array cache as it runs (listing order, read back a batch
+    at a time with plain reads) decides exactly like the pass held in memory, for both rules and
+    a calibrated target."""
     from curate.executors.local import ArrayCache
     from curate.stages.semdedup import SemDedupCache
 
@@ -605,20 +601,22 @@ def test_cache_loaded_from_files_reads_rank_and_neighbours_lazily(tmp_path):
     x += rng.normal(scale=0.05, size=x.shape).astype(np.float32)
     cluster = rng.integers(0, 12, n).astype(np.int32)
     dist = rng.random(n).astype(np.float32)
-    uids = pl.Series("uid", rng.permutation(n).astype(np.uint32) * 3 + 11)  # not a whole pool's ranks
-    order = UidOrder(uids)
-    fresh = semdedup_pass(ArrayEmbeddings(x), cluster, dist, tiebreak=order.rank)
-    store = ArrayCache(tmp_path)
-    store.put("k", fresh.to_arrays(order))
-    loaded = SemDedupCache.from_arrays(store.get("k"), UidOrder(uids), cluster, dist)
-    assert loaded._rank is None and loaded._nn_pos is None
-    rows = np.sort(rng.choice(n, 700, replace=False))
-    assert np.array_equal(loaded.rank_of(rows), fresh.rank[rows])
-    assert np.array_equal(loaded.nn_pos_of(rows), fresh.nn_pos[rows])
-    assert loaded._rank is None and loaded._nn_pos is None  # still nothing n-sized
-    a, b = apply_eps(fresh, 0.2), apply_eps(loaded, 0.2)
-    assert np.array_equal(a.keep, b.keep) and 0 < (~a.keep).sum() < n
-    drop = np.flatnonzero(~a.keep)
-    assert np.array_equal(a.ref_of(drop), b.ref_of(drop)) and (b.ref_of(drop) >= 0).all()
-    assert np.array_equal(a.ref_pos, b.ref_pos)
-    assert np.array_equal(loaded.rank, fresh.rank) and np.array_equal(loaded.nn_pos, fresh.nn_pos)
+    tb = rng.permutation(n).astype(np.uint32) * 3 + 11  # not a whole pool's ranks
+    for keep in ("farthest", "random"):
+        fresh = semdedup_pass(ArrayEmbeddings(x), cluster, dist, keep=keep, seed=3, tiebreak=tb, batch_rows=700)
+        store = ArrayCache(tmp_path)
+        key = f"k-{keep}"
+        store.put_stream(key, {"nn_sim": np.float32, "nn": np.int32}, n,
+                         ((fresh.nn_sim[s:s + 999], fresh.nn[s:s + 999]) for s in range(0, n, 999)))
+        got = store.get(key)
+        assert isinstance(got["nn_sim"], np.memmap)
+        loaded = SemDedupCache(fresh.cin, got["nn_sim"], got["nn"], keep, 3)
+        for rule in ("paper", "greedy"):
+            a, b = apply_eps(fresh, 0.2, rule), apply_eps(loaded, 0.2, rule)
+            assert np.array_equal(a.keep, b.keep) and 0 < (~a.keep).sum() < n
+            assert np.array_equal(a.ref_pos, b.ref_pos) and (a.ref_pos[~a.keep] >= 0).all()
+            assert np.array_equal(a.value, b.value, equal_nan=True)
+        assert calibrate_eps(fresh, 0.6) == calibrate_eps(loaded, 0.6)
+    with pytest.raises(RuntimeError, match="10 entries written of 3000"):
+        store.put_stream("short", {"nn_sim": np.float32}, n, [(np.zeros(10, np.float32),)])
+    assert store.get("short") is None

@@ -21,7 +21,8 @@ import numpy as np
 import polars as pl
 
 from .. import console
-from ..cluster import StageClustering, compute_clustering, inverse_permutation
+from ..cluster import StageClustering, compute_clustering, inverse_permutation, short_hash
+from ..clustered import POS, REF_POS, BitSet, ClusteredInput, ClusterIndex, NpyWriter, read_range
 from ..embeddings import ShardEmbeddingView, refs
 from ..errors import CurateError, UsageError
 from ..recipes import Recipe
@@ -48,6 +49,24 @@ class ArrayCache:
             return None
         names = json.loads((d / "_complete.json").read_text())["arrays"]
         return {n: np.load(d / f"{n}.npy", mmap_mode="r") for n in names}
+
+    def put_stream(self, key: str, dtypes: dict, n: int, parts) -> None:
+        """Arrays of n entries written as they are computed: `parts` yields, chunk by chunk, one
+        array per name of `dtypes` (in its order); nothing n-sized is held."""
+        d = self._dir(key)
+        writers = [NpyWriter(d / f"{name}.npy", dt, n) for name, dt in dtypes.items()]
+        try:
+            for chunk in parts:
+                for w, a in zip(writers, chunk):
+                    w.write(a)
+            for w in writers:
+                w.close()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        with atomic_path(d / "_complete.json") as tmp:
+            tmp.write_text(json.dumps({"arrays": sorted(dtypes)}))
 
     def put(self, key: str, arrays: dict) -> None:
         """Arrays, or callables that return one (called one at a time, so big arrays built for
@@ -134,19 +153,16 @@ class PoolSource:
         n, max_rid = manifest.one("SELECT count(*) FILTER (WHERE status = 'ok'), coalesce(max(rowid), 0) FROM samples")
         self.n = int(n)
         # Read a batch at a time: shard_id, row_idx and the row id fall into runs in this order
-        # (RunArray: a pair per run), the uid rank is a permutation (4 bytes a sample).
-        self.rank = np.empty(self.n, dtype=np.uint32)
+        # (RunArray: a pair per run).
         batches = manifest.con.sql(
-            "SELECT rowid AS rid, (row_number() OVER (ORDER BY uid, rowid) - 1)::UINTEGER AS rank, "
-            "shard_id::INTEGER AS shard_id, row_idx::INTEGER AS row_idx FROM samples WHERE status = 'ok' "
-            "ORDER BY shard_id, row_idx, rid").to_arrow_reader(STREAM_BATCH)
+            "SELECT rowid AS rid, shard_id::INTEGER AS shard_id, row_idx::INTEGER AS row_idx FROM samples "
+            "WHERE status = 'ok' ORDER BY shard_id, row_idx, rid").to_arrow_reader(STREAM_BATCH)
         rid_type = np.int32 if max_rid < 2**31 - 1 else np.int64
         build = {"rid": RunBuilder(1, rid_type), "shard_id": RunBuilder(0, np.int32), "row_idx": RunBuilder(1, np.int32)}
         at = 0
         for rb in batches:
             for c, b in build.items():
                 b.add(rb.column(c).to_numpy())
-            self.rank[at:at + rb.num_rows] = rb.column("rank").to_numpy()
             at += rb.num_rows
         del batches
         if at != self.n:
@@ -154,6 +170,23 @@ class PoolSource:
         self.rid, self.shard_id, self.row_idx = (build[c].finish() for c in ("rid", "shard_id", "row_idx"))
         del build
         self.pos_of_rid = RunInverse(self.rid)
+        # The uid rank of each position (a permutation, 4 bytes a sample): the row ids in uid
+        # order, streamed from DuckDB's sort (it spills to disk rather than growing; a window
+        # function over the same order needed ~4x the memory and failed under a small limit).
+        self.rank = np.empty(self.n, dtype=np.uint32)
+        at = 0
+        for rb in manifest.con.sql("SELECT rowid AS rid FROM samples WHERE status = 'ok' ORDER BY uid, rowid") \
+                .to_arrow_reader(STREAM_BATCH):
+            rid = rb.column(0).to_numpy()
+            if at + len(rid) > self.n or (len(rid) and int(rid.max()) >= len(self.pos_of_rid)):
+                raise CurateError("the samples table changed while the run was reading it")
+            p = self.pos_of_rid[rid]
+            if len(p) and int(p.min()) < 0:
+                raise CurateError("the samples table changed while the run was reading it")
+            self.rank[p] = np.arange(at, at + len(rid), dtype=np.uint32)
+            at += len(rid)
+        if at != self.n:
+            raise CurateError("the samples table changed while the run was reading it")
         self._pos_of_rank: np.ndarray | None = None
         cnt, x, sm = manifest.one("SELECT count(*), bit_xor(hash(uid)), sum(hash(uid)::HUGEINT) FROM samples "
                                   "WHERE status = 'ok'")
@@ -300,25 +333,29 @@ def stage_frame(src: PoolSource, stage: Stage, pos: np.ndarray) -> pl.DataFrame:
     return frame
 
 
-def _check_decisions(sid: str, inp_uid: pl.Series, dec: pl.DataFrame) -> tuple[pl.DataFrame, bool]:
-    """Decisions in the runner's column types; and whether they are aligned row by row with the input."""
+def _normalise_decisions(sid: str, uid_type, dec: pl.DataFrame, extra: tuple[str, ...] = (REF_ROW,)) -> pl.DataFrame:
+    """Decisions in the runner's column types (and the `extra` columns present, as Int64)."""
     missing = [c for c in ("uid", "keep") if c not in dec.columns]
     if missing:
         raise CurateError(f"stage {sid} returned decisions without {missing}")
-    if dec["uid"].dtype != inp_uid.dtype:
-        raise CurateError(f"stage {sid} returned uids of type {dec['uid'].dtype}, was given {inp_uid.dtype}")
+    if dec["uid"].dtype != uid_type:
+        raise CurateError(f"stage {sid} returned uids of type {dec['uid'].dtype}, was given {uid_type}")
     cols = []
     for c, t in DECISION_COLUMNS.items():
-        t = t or inp_uid.dtype
+        t = t or uid_type
         if c not in dec.columns:
             cols.append(pl.lit(None, t).alias(c))
-        elif c == "ref_uid" and dec[c].dtype in (inp_uid.dtype, pl.Utf8):
+        elif c == "ref_uid" and dec[c].dtype in (uid_type, pl.Utf8):
             cols.append(pl.col(c))
         else:
             cols.append(pl.col(c).cast(t))
-    if REF_ROW in dec.columns:
-        cols.append(pl.col(REF_ROW).cast(pl.Int64))
-    dec = dec.select(cols)
+    cols += [pl.col(c).cast(pl.Int64) for c in extra if c in dec.columns]
+    return dec.select(cols)
+
+
+def _check_decisions(sid: str, inp_uid: pl.Series, dec: pl.DataFrame) -> tuple[pl.DataFrame, bool]:
+    """Decisions in the runner's column types; and whether they are aligned row by row with the input."""
+    dec = _normalise_decisions(sid, inp_uid.dtype, dec)
     if dec.height == len(inp_uid) and dec["uid"].equals(inp_uid):
         return dec, True  # aligned with the input (uids in the input are unique): nothing more to check
     if dec.height != len(inp_uid) or dec["uid"].n_unique() != dec.height:
@@ -336,8 +373,10 @@ def run_pipeline(ws, manifest, recipe: Recipe, run_id: int, *, budget=None, reco
     if len(budget_stages) > 1:
         raise UsageError(f"recipe {recipe.name} has several budget stages: {budget_stages}")
     scorers = sorted({s for _, st in stages for s in st.needs_scores()})
-    src = load_pool(manifest, scorers)  # whole-pool sorts and joins: DuckDB's full limit
-    with manifest.working_memory():  # then scans and chunked inserts: a small one
+    # DuckDB's sorts and joins spill to disk under the working limit, and what it caches up to
+    # any limit counts as this process's memory: the whole run stays under the small one
+    with manifest.working_memory():
+        src = load_pool(manifest, scorers)
         return _run(ws, manifest, recipe, run_id, stages, src, budget, record)
 
 
@@ -371,9 +410,19 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 if b > n_alive:
                     warnings.append(f"budget {b:,} exceeds the {n_alive:,} samples that reach {sid}; all are kept")
             over_pool = stage._apply_to == "pool"
-            pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(index_dtype(n_pool), copy=False)
-            run = _apply(sid, stage, src, pos, manifest, recipe.seed, b, cache,
-                         None if over_pool else clustering_pool)
+            # clustering stages over the survivors read them cluster by cluster from the pool's
+            # cluster index: no per-sample arrays, decisions in cluster order (staged, below)
+            clustered = not over_pool and hasattr(stage, "run_clustered")
+            if clustered:
+                run = _apply_clustered(sid, stage, src, alive, n_alive, manifest, recipe.seed, b, cache,
+                                       clustering_pool)
+            else:
+                pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(index_dtype(n_pool),
+                                                                                        copy=False)
+                run = _apply(sid, stage, src, pos, manifest, recipe.seed, b, cache,
+                             None if over_pool else clustering_pool)
+                del pos
+            staged = _StagedDecisions(ws.root / "tmp" / f"decisions-{run_id}-{idx}") if clustered and record else None
             # Decisions arrive in chunks (one per partition for row stages): each is recorded at
             # once, so a row stage never holds the decisions of the whole pool.
             reasons: dict = {}
@@ -388,11 +437,16 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 n_kept += int(keep.sum())
                 for r, c in dec.filter(~pl.col("keep")).group_by("reason").len().iter_rows():
                     reasons[r] = reasons.get(r, 0) + c
-                if record:
+                if staged is not None:
+                    staged.add(dec, dec_pos)
+                elif record:
                     _record_decisions(manifest, src, run_id, idx, sid, dec, dec_pos)
                 # later chunks never hold these positions, and `pos` was taken before the stage
                 alive[dec_pos[~keep]] = False
                 del dec, dec_pos, keep
+            if staged is not None:
+                for part, part_pos in staged.drain(manifest):
+                    _record_decisions(manifest, src, run_id, idx, sid, part, part_pos)
             stats, artefacts = run.stats, run.artefacts
             if n_seen != n_alive:
                 raise CurateError(f"stage {sid} returned {n_seen} decisions for {n_alive} samples")
@@ -486,9 +540,47 @@ class _Pool:
             self._drank = np.cumsum(self.src.decodable[self.src.pos_of_rank], dtype=index_dtype(self.src.n)) - 1
         return self._drank[r]
 
+    def clustering_key(self, spec) -> str:
+        return f"clustering-{spec.key()}-{self.fingerprint()}"
+
+    def input_fingerprint(self, alive: np.ndarray) -> str:
+        """`StageInput.fingerprint` of the samples where `alive` is set (a bitmap over uid ranks)."""
+        bits = np.zeros(self.src.n, dtype=bool)
+        step = 1 << 20
+        for s in range(0, self.src.n, step):
+            bits[self.src.rank[s:s + step][alive[s:s + step]]] = True
+        return bitmap_fingerprint(bits, self.src.pool_key)
+
+    def cluster_index(self, spec, manifest, cache) -> ClusterIndex:
+        """The pool clustering's samples as pool positions sorted by cluster (`ClusterIndex`),
+        built once per clustering and workspace layout (the positions depend on the order the
+        samples are listed in) and kept in the cache."""
+        src = self.src
+        key = self.clustering_key(spec)
+        layout = short_hash(src.rank, src.err_pos)
+        d = cache._dir(f"clusteridx-{spec.key()}-{self.fingerprint()}-{layout}")
+        if ClusterIndex.complete(d):
+            return ClusterIndex(d)
+        files = cache._dir(key)
+        n = len(np.load(files / "cluster.npy", mmap_mode="r"))
+        k = int(np.load(files / "centroids.npy", mmap_mode="r").shape[0])
+        pr = src.pos_of_rank
+        dpos = pr if self.all_decodable else pr[src.decodable[pr]]  # position of each clustered row
+        step = 1 << 20
+
+        def rows():
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                yield (read_range(files / "cluster.npy", s, e), read_range(files / "dist.npy", s, e),
+                       np.arange(s, e), dpos[s:e])
+        index = ClusterIndex.build(d, manifest.con, k, n, rows(), pos_dtype=index_dtype(src.n))
+        dpos = pr = None  # noqa: F841  (4 bytes a sample each)
+        src.forget_pos_of_rank()
+        return index
+
     def clustering(self, stage: Stage, spec, manifest, cache) -> tuple[dict, str]:
         """(arrays cluster/dist/centroids in pool order, 'cache' | 'computed') for `spec`."""
-        key = f"clustering-{spec.key()}-{self.fingerprint()}"
+        key = self.clustering_key(spec)
         got = cache.get(key)
         if got is not None:
             return got, "cache"
@@ -497,16 +589,125 @@ class _Pool:
         view = ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, spec.scorer, spec.kind),
                                      spec.scorer, spec.kind)
         row = src.rank if pos is None else self.index(pos)  # each view row's place in pool order
-        res = compute_clustering(view, spec, row, device=getattr(stage, "device", "auto"))
-        del view, pos
-        arrays = {}
-        for name, a in (("cluster", res.assignments), ("dist", res.distances)):
-            arrays[name] = np.empty_like(a)
-            arrays[name][row] = a
-        res.assignments = res.distances = row = None
-        arrays["centroids"] = res.centroids
-        cache.put(key, arrays)
-        return arrays, "computed"
+        del pos
+        # the assignments stream to files in view order, then each array in turn is put in pool
+        # order: 4 bytes a sample at a time, never the whole result twice
+        d = cache._dir(key)
+        n = view.n
+        out = {"cluster": NpyWriter(d / ".cluster.view.npy", np.int32, n),
+               "dist": NpyWriter(d / ".dist.view.npy", np.float32, n)}
+        try:
+            def sink(start, ids, dist):
+                out["cluster"].write(ids)
+                out["dist"].write(dist)
+            res = compute_clustering(view, spec, row, device=getattr(stage, "device", "auto"), sink=sink)
+            for w in out.values():
+                w.close()
+        except BaseException:
+            for w in out.values():
+                w.abort()
+            raise
+        del view
+
+        def in_pool_order(name: str):
+            def build() -> np.ndarray:
+                a = np.empty(n, dtype=out[name].dtype)
+                for s in range(0, n, 1 << 20):
+                    a[row[s:s + (1 << 20)]] = read_range(out[name].path, s, s + (1 << 20))
+                return a
+            return build
+        try:
+            cache.put(key, {"cluster": in_pool_order("cluster"), "dist": in_pool_order("dist"),
+                            "centroids": res.centroids})
+        finally:
+            for w in out.values():
+                w.path.unlink(missing_ok=True)
+        return cache.get(key), "computed"
+
+
+class _StagedDecisions:
+    """Decisions that arrive in cluster order, not position order: appended to a Parquet file
+    as they come, sorted by position by DuckDB (within its memory limit, spilling to disk),
+    then handed back a chunk at a time in position order, which is how `_record_decisions`
+    writes fast (each chunk joins a narrow row-id range of the samples table)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.writer = None
+
+    def add(self, dec: pl.DataFrame, pos: np.ndarray) -> None:
+        import pyarrow.parquet as pq
+
+        table = dec.with_columns(pl.Series("_p", np.asarray(pos, dtype=np.int64))).to_arrow()
+        if self.writer is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.dir / "staged.parquet", table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def drain(self, manifest):
+        """(decisions, positions) in position order, WRITE_CHUNK rows at a time; the files go."""
+        import shutil
+
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            return
+        try:
+            self.writer.close()
+            src, out = self.dir / "staged.parquet", self.dir / "sorted.parquet"
+            manifest.execute(f"COPY (SELECT * FROM read_parquet('{src}') ORDER BY _p) TO '{out}' (FORMAT parquet)")
+            src.unlink()
+            # no pre-buffering: it keeps every row group it has read until the iteration ends
+            for rb in pq.ParquetFile(out, pre_buffer=False).iter_batches(batch_size=WRITE_CHUNK):
+                part = pl.from_arrow(rb)
+                yield part.drop("_p"), part["_p"].to_numpy()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _apply_clustered(sid: str, stage: Stage, src: PoolSource, alive: np.ndarray, n_in: int, manifest, seed: int,
+                     budget, cache, pool: "_Pool") -> _StageRun:
+    """Run a clustering stage (`run_clustered`) over the surviving samples listed cluster by
+    cluster from the pool's cluster index. Chunks are (decisions, positions) in cluster order."""
+    def chunks(run):
+        spec = stage.spec_for(n_in, seed)
+        bad = int(alive[src.err_pos].sum()) if len(src.err_pos) else 0
+        if bad:
+            raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have none "
+                             f"(undecodable images); put a decode_failures stage before it")
+        if n_in == 0:
+            run.stats = {"n_in": 0, "n_kept": 0}
+            return
+        arrays, source = pool.clustering(stage, spec, manifest, cache)
+        centroids = np.array(arrays["centroids"], dtype=np.float32)
+        del arrays
+        index = pool.cluster_index(spec, manifest, cache)
+        wanted = BitSet.of(alive)
+        views = {(sc, kind): ShardEmbeddingView.at(src.shard_id, src.row_idx, None, refs(manifest, sc, kind), sc, kind,
+                                                   only=alive)
+                 for sc, kind in stage.needs_embeddings()}
+        embed = next(iter(views.values())).take if views else None
+        ident = f"clustering-{spec.key()}-{pool.input_fingerprint(alive)}"
+        cin = ClusteredInput(
+            n=n_in, k=int(centroids.shape[0]), centroids=centroids, bounds=index.bounds, read=index.read,
+            uid_of=lambda p: src.rank[p], uid_series=lambda p, u: pl.Series("uid", u), embed=embed, wanted=wanted,
+            score_of=lambda name, p: src.scores[name].gather(p), identity=ident, source=source,
+            params={"key": ident, "pool_clustering": pool.clustering_key(spec)})
+        res = stage.run_clustered(cin, budget, spec.seed, cache)
+        run.stats, run.artefacts = res.stats, res.artefacts
+        seen = BitSet(src.n)
+        uid_type = pl.Series(src.rank[:0]).dtype
+        for dec in res.decision_chunks():
+            if POS not in dec.columns:
+                raise CurateError(f"stage {sid} returned clustered decisions without {POS}")
+            p = dec[POS].to_numpy()
+            if len(p) and (p.min() < 0 or p.max() >= src.n or not wanted[p].all() or seen[p].any()
+                           or len(np.unique(p)) != len(p)):
+                raise CurateError(f"stage {sid} returned decisions for samples it was not given, or twice")
+            seen.add(p)
+            dec = dec.with_columns(pl.col(REF_POS).fill_null(-1).alias("_ref_pos")) if REF_POS in dec.columns else dec
+            yield _normalise_decisions(sid, uid_type, dec, ("_ref_pos",)), p
+    return _StageRun(chunks)
 
 
 class _StageRun:

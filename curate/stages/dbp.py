@@ -36,8 +36,9 @@ import numpy as np
 import polars as pl
 
 from ..cluster import ClusterSpec, UidOrder, cluster_sizes, clustering_for_stage, uid_ranks
+from ..clustered import ClusteredInput, in_input_order, seeded_keys
 from ..errors import UsageError
-from .base import (Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype, reason_where,
+from .base import (REF_ROW, Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype, reason_where,
                    register_stage)
 from .semdedup import const_column
 
@@ -58,10 +59,22 @@ def cluster_distances(cluster: np.ndarray, dist: np.ndarray, centroids: np.ndarr
     sums = np.zeros(k)
     for s in range(0, len(cluster), 1 << 20):  # float64 weights a chunk at a time
         sums += np.bincount(cluster[s:s + (1 << 20)], weights=dist[s:s + (1 << 20)].astype(np.float64), minlength=k)
+    return sizes, intra_distances(sizes, sums), inter_distances(centroids, sizes > 0, l_nearest, block)
+
+
+def intra_distances(sizes: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """d_intra from each cluster's size and Σ(1 - cos) to its centroid; NaN where empty."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        d_intra = np.where(sizes > 0, sums / np.maximum(sizes, 1), np.nan)
+        return np.where(sizes > 0, sums / np.maximum(sizes, 1), np.nan)
+
+
+def inter_distances(centroids: np.ndarray, active: np.ndarray, l_nearest: int = 20,
+                    block: int | None = None) -> np.ndarray:
+    """d_inter of each active cluster over its l nearest other active centroids (NaN elsewhere,
+    and everywhere when fewer than two are active)."""
+    k = int(centroids.shape[0])
     d_inter = np.full(k, np.nan)
-    active = np.flatnonzero(sizes > 0)
+    active = np.flatnonzero(active)
     l = min(int(l_nearest), len(active) - 1)
     if l >= 1:
         ca = np.ascontiguousarray(centroids[active], dtype=np.float32)
@@ -71,7 +84,7 @@ def cluster_distances(cluster: np.ndarray, dist: np.ndarray, centroids: np.ndarr
             sims[np.arange(len(sims)), np.arange(s, s + len(sims))] = -np.inf  # not its own neighbour
             top = np.sort(np.partition(sims, sims.shape[1] - l, axis=1)[:, -l:], axis=1)
             d_inter[active[s:s + len(sims)]] = (1.0 - top).mean(axis=1)
-    return sizes, d_intra, d_inter
+    return d_inter
 
 
 def complexity(d_intra: np.ndarray, d_inter: np.ndarray, active: np.ndarray) -> np.ndarray:
@@ -214,29 +227,6 @@ def cluster_sorted(cluster: np.ndarray, key: np.ndarray, tiebreak: np.ndarray, k
     return order, first
 
 
-def select_in_clusters(cluster: np.ndarray, key: np.ndarray, tiebreak: np.ndarray,
-                       quota: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(keep, cut): the quota[c] samples of each cluster c with the largest key (ties: tiebreak,
-    then position), and per cluster the smallest kept key (NaN where none is kept). Memory: the
-    sort order and a byte a sample, no per-sample ranks."""
-    n, k = len(cluster), len(quota)
-    order, first = cluster_sorted(cluster, key, tiebreak, k)
-    q = np.minimum(np.asarray(quota, dtype=np.int64), np.diff(first))
-    # kept = the first q[c] entries of each cluster's run in `order`: +1 / -1 at run edges, summed
-    edge = np.zeros(n + 1, dtype=np.int8)
-    np.add.at(edge, first[:-1][q > 0], 1)
-    np.add.at(edge, (first[:-1] + q)[q > 0], -1)
-    in_order = np.cumsum(edge[:n], dtype=np.int8).view(bool)
-    del edge
-    keep = np.zeros(n, dtype=bool)
-    for s in range(0, n, 1 << 20):
-        keep[order[s:s + (1 << 20)][in_order[s:s + (1 << 20)]]] = True
-    cut = np.full(k, np.nan)
-    has = np.flatnonzero(q > 0)
-    cut[has] = np.asarray(key)[order[first[has] + q[has] - 1]]
-    return keep, cut
-
-
 def random_keys(tiebreak: np.ndarray, seed: int) -> np.ndarray:
     """A seeded random key per sample (a permutation of 0..n-1) that depends on its uid rank, not
     on input order."""
@@ -316,7 +306,11 @@ class _ClusteredBudgetStage(Stage):
 
     def cluster_spec(self, inp: StageInput) -> ClusterSpec:
         """The clustering this stage wants for this input (`.key()` names it in the cache)."""
-        seed = int(self.seed if self.seed is not None else inp.seed)
+        return self.spec_for(len(inp.frame), inp.seed)
+
+    def spec_for(self, n: int, run_seed: int) -> ClusterSpec:
+        """The clustering this stage wants for n input samples in a run seeded `run_seed`."""
+        seed = int(self.seed if self.seed is not None else run_seed)
         return ClusterSpec(self.k, self.niter, seed, self.sample_size, self.scorer, self.kind)
 
     def _begin(self, inp: StageInput):
@@ -359,52 +353,70 @@ class DensityBasedPruning(_ClusteredBudgetStage):
         if empty is not None:
             return empty
         frame = inp.frame
-        n = len(frame)
         order = UidOrder(uids)
         clu = clustering_for_stage(inp, self.cluster_spec(inp), order=order, device=self.device, need_centroids=True)
-        sizes, d_intra, d_inter = cluster_distances(clu.cluster, clu.dist, clu.centroids, self.l_nearest)
-        active = sizes > 0
-        comp = complexity(d_intra, d_inter, active)
-        shares = softmax_shares(comp, self.tau, active)
-        alloc = dbp_allocate(sizes, shares, budget, self.lb_ratio)
-        tb = order.rank if self.keep == "random" else order.tiebreak()
-        if self.keep == "hard":
-            key = clu.dist  # float32: negated exactly by the sort
-        elif self.keep == "easy":
-            key = -clu.dist
-        elif self.keep == "random":
-            key = random_keys(tb, seed)
-        else:
+        score_of = None
+        if self.keep == "score":
             col = f"score__{self.score}"
             if col not in frame.columns:
                 raise UsageError(f"dbp: keep='score' needs column {col!r}")
-            key = frame[col].cast(pl.Float64).fill_null(-np.inf).fill_nan(-np.inf).to_numpy()
-        keep, cut = select_in_clusters(clu.cluster, key, tb, alloc.quota)
-        if self.keep == "easy":
-            cut = -cut  # back to distance units: kept iff centroid_dist <= threshold
-        elif self.keep == "random":
-            cut[:] = np.nan
-        value = clu.dist if self.keep != "score" else key
+            score_of = lambda name, pos: frame[f"score__{name}"].gather(pos)  # noqa: E731
+        cin = ClusteredInput.from_arrays(clu.cluster, clu.dist, order.tiebreak(), k=clu.k, centroids=clu.centroids,
+                                         uids=uids, score_of=score_of, identity=clu.identity, source=clu.source)
+        res = self.run_clustered(cin, budget, seed)
+        return StageResult(in_input_order(res.decision_chunks(), len(uids), REF_ROW), res.artefacts, res.stats)
 
-        def value_of(s: int, e: int) -> np.ndarray:
-            v = value[s:e].astype(np.float64)
-            return np.where(np.isfinite(v), v, np.nan)
+    def run_clustered(self, cin: ClusteredInput, budget: int, seed: int, cache=None) -> StageResult:
+        """DBP over a cluster-major listing: one pass for the cluster sizes and distances, one
+        that decides cluster by cluster; decisions carry each row's `POS`."""
+        n = cin.n
+        sizes, sums = cin.totals()
+        active = sizes > 0
+        d_intra, d_inter = intra_distances(sizes, sums), inter_distances(cin.centroids, active, self.l_nearest)
+        comp = complexity(d_intra, d_inter, active)
+        shares = softmax_shares(comp, self.tau, active)
+        alloc = dbp_allocate(sizes, shares, budget, self.lb_ratio)
+        quota = alloc.quota
+
+        def chunks():
+            for bt in cin.batches():
+                if self.keep == "hard":  # the listing's own order: farthest first, ties by uid
+                    value = key = bt.dist.astype(np.float64)
+                elif self.keep == "easy":
+                    bt, _ = bt.reordered(bt.dist)
+                    value = key = bt.dist.astype(np.float64)
+                elif self.keep == "random":
+                    bt, _ = bt.reordered(seeded_keys(bt.uid, seed))
+                    value, key = bt.dist.astype(np.float64), None
+                else:
+                    s = cin.scores(self.score, bt.pos).cast(pl.Float64).fill_null(-np.inf).fill_nan(-np.inf).to_numpy()
+                    bt, perm = bt.reordered(-s)
+                    key = s[perm]
+                    value = np.where(np.isfinite(key), key, np.nan)
+                q = quota[bt.ids]
+                keep = bt.local_rank() < np.repeat(q, np.diff(bt.bounds))
+                cut = np.full(len(bt.ids), np.nan)
+                if key is not None:
+                    has = np.flatnonzero(q > 0)
+                    cut[has] = key[bt.bounds[has] + np.minimum(q[has], np.diff(bt.bounds)[has]) - 1]
+                thr = np.repeat(cut, np.diff(bt.bounds))
+                yield cin.decisions(bt, keep, reason=reason_where(~keep, "dbp_over_quota"),
+                                    value=pl.Series(value, dtype=pl.Float64).fill_nan(None),
+                                    threshold=pl.Series(thr, dtype=pl.Float64).fill_nan(None),
+                                    detail=pl.select(pl.format("cluster={}", pl.Series(bt.cluster))).to_series())
+
         per_cluster = pl.DataFrame({
-            "cluster": np.arange(clu.k, dtype=np.int32), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
-            "complexity": comp, "share": shares, "quota_real": alloc.real, "quota": alloc.quota,
+            "cluster": np.arange(cin.k, dtype=np.int32), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
+            "complexity": comp, "share": shares, "quota_real": alloc.real, "quota": quota,
         }).filter(pl.col("size") > 0)
-        # short on purpose (<= 12 characters are stored inline, no string buffer per row);
-        # the cluster's size, shares and quota are in the `dbp_clusters` artefact
-        dec = _decisions(uids, keep, "dbp_over_quota", value=value_of,
-                         threshold=lambda s, e: cut[clu.cluster[s:e]],
-                         detail=lambda s, e: pl.select(pl.format("cluster={}", pl.Series(clu.cluster[s:e]))).to_series())
-        artefacts = {"dbp_clusters": per_cluster}
-        stats = {"n_in": n, "budget": budget, "n_kept": int(keep.sum()), "k": clu.k, "k_active": int(active.sum()),
-                 "lambda": alloc.lam, "lb": alloc.lb, "clustering": clu.source, "clustering_key": clu.identity,
+        stats = {"n_in": n, "budget": budget, "n_kept": int(quota.sum()), "k": cin.k, "k_active": int(active.sum()),
+                 "lambda": alloc.lam, "lb": alloc.lb, "clustering": cin.source, "clustering_key": cin.identity,
                  "keep": self.keep}
         if alloc.notes:
             stats["warnings"] = alloc.notes
-        return StageResult(None, artefacts, stats, **dec)
+        # short on purpose (<= 12 characters are stored inline, no string buffer per row);
+        # the cluster's size, shares and quota are in the `dbp_clusters` artefact
+        return StageResult(None, {"dbp_clusters": per_cluster}, stats, chunks=chunks)
 
 
 @register_stage

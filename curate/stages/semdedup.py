@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
 
 from .. import console
-from ..cluster import (ClusterSpec, UidOrder, cluster_sizes, clustering_for_stage, normalise_rows, rows_of_ranks,
-                       short_hash, take_sorted)
+from ..cluster import ClusterSpec, UidOrder, clustering_for_stage, normalise_rows, short_hash
+from ..clustered import BATCH_ROWS, ClusterBatch, ClusteredInput, in_input_order, read_range, seeded_keys
 from ..errors import UsageError
-from .base import (REF_ROW, EmbeddingView, Stage, StageInput, StageResult, decisions_frame, in_chunks, index_dtype,
-                   reason_where, register_stage)
+from .base import (REF_ROW, EmbeddingView, Stage, StageInput, StageResult, decisions_frame, reason_where,
+                   register_stage)
 
 KEEP_ORDERS = ("farthest", "closest", "random")
 RULES = ("paper", "greedy")
@@ -81,31 +81,34 @@ def ge_threshold(values: np.ndarray, thr: float) -> np.ndarray:
 # Order
 # ---------------------------------------------------------------------------------------------
 
+def order_key(keep: str, dist: np.ndarray, uid: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The within-cluster sort key (ascending) of a keep order: farthest from the centroid first,
+    closest first, or a seeded random order (a key per uid, `seeded_keys`)."""
+    if keep == "farthest":
+        return -np.asarray(dist, dtype=np.float32)  # exact: negation does not round
+    if keep == "closest":
+        return np.asarray(dist, dtype=np.float32)
+    if keep == "random":
+        return seeded_keys(uid, seed)
+    raise UsageError(f"keep must be one of {', '.join(KEEP_ORDERS)}, not {keep!r}")
+
+
 def cluster_order(cluster: np.ndarray, dist: np.ndarray, keep: str = "farthest", seed: int = 0,
                   tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Positions sorted by cluster, then by the keep order (the earliest of a duplicate group is
-    kept): farthest from the centroid first, closest first, or a seeded random order; ties by
-    `tiebreak` (uid rank), then position."""
+    kept), ties by `tiebreak` (integers ordered like the uids), then position: the order the
+    stage's cluster-major passes give each cluster's rows."""
     n = len(cluster)
     tb = np.arange(n) if tiebreak is None else np.asarray(tiebreak)
-    if keep == "farthest":
-        key = -np.asarray(dist, dtype=np.float32)  # exact: negation does not round
-    elif keep == "closest":
-        key = np.asarray(dist, dtype=np.float32)
-    elif keep == "random":
-        key = np.random.default_rng(seed).permutation(n)[tb]
-    else:
-        raise UsageError(f"keep must be one of {', '.join(KEEP_ORDERS)}, not {keep!r}")
     # lexsort is stable: equal (cluster, key, tiebreak) keep input order
-    return np.lexsort((tb, key, cluster))
+    return np.lexsort((tb, order_key(keep, dist, tb, seed), cluster))
 
 
-def _segments(sorted_cluster: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster ids, start offsets + final end) of the runs in a cluster-sorted id array."""
-    if len(sorted_cluster) == 0:
-        return np.empty(0, np.int64), np.zeros(1, np.int64)
-    starts = np.flatnonzero(np.r_[True, sorted_cluster[1:] != sorted_cluster[:-1]])
-    return sorted_cluster[starts].astype(np.int64), np.r_[starts, len(sorted_cluster)].astype(np.int64)
+def in_keep_order(bt: ClusterBatch, keep: str, seed: int) -> ClusterBatch:
+    """A batch of the cluster-major listing (farthest first, ties by uid) in the keep order."""
+    if keep == "farthest":
+        return bt  # the listing's own order
+    return bt.reordered(order_key(keep, bt.dist, bt.uid, seed))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,311 +164,272 @@ def max_earlier(x: np.ndarray, block_rows: int = 512, tile_cols: int = 8192) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache
+# The similarity pass and its cache
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class SemDedupCache:
-    """Per-sample results of the similarity pass, aligned with the stage's input rows.
-
-    Loaded from the runner's cache (`from_arrays`), `rank` and `nn_pos` stay in the cache files
-    until asked for: deciding needs only nn_sim, and the dropped rows' facts are read for those
-    rows alone (`rank_of`, `nn_pos_of`), 8 bytes a sample less at the peak.
-    """
-
-    cluster: np.ndarray       # int32
-    dist: np.ndarray | None   # float32, distance to centroid (defines the order); None once let go
-    _rank: np.ndarray | None  # int32, position in the cluster order (0 = kept first)
-    nn_sim: np.ndarray        # float32, NaN for the first sample of a cluster
-    _nn_pos: np.ndarray | None  # int32 (int64 past 2**31 rows) input position of that earlier neighbour, -1 for none
-    params: dict[str, Any] = field(default_factory=dict)
-    _stored: tuple | None = None  # (rank, nn) in uid order (memory-mapped), UidOrder: what a lazy cache reads
-
-    @property
-    def n(self) -> int:
-        return len(self.cluster)
-
-    @property
-    def rank(self) -> np.ndarray:
-        if self._rank is None:
-            (rank_u, _), order = self._stored
-            self._rank = order.from_uid_order(rank_u).astype(np.int32, copy=False)
-        return self._rank
-
-    @property
-    def nn_pos(self) -> np.ndarray:
-        if self._nn_pos is None:
-            self._nn_pos = self.nn_pos_of(np.arange(self.n))
-        return self._nn_pos
-
-    def rank_of(self, rows: np.ndarray) -> np.ndarray:
-        if self._rank is not None:
-            return self._rank[rows]
-        (rank_u, _), order = self._stored
-        return take_sorted(rank_u, order.rank[rows]).astype(np.int32, copy=False)
-
-    def nn_pos_of(self, rows: np.ndarray) -> np.ndarray:
-        """Input position of each row's nearest earlier neighbour, -1 for none."""
-        if self._nn_pos is not None:
-            return self._nn_pos[rows]
-        (_, nn_u), order = self._stored
-        nn = take_sorted(nn_u, order.rank[rows]).astype(index_dtype(self.n), copy=False)  # neighbours' uid ranks
-        has = nn >= 0
-        ranks, back = np.unique(nn[has], return_inverse=True)
-        nn[has] = rows_of_ranks(order.rank, ranks)[back]
-        return nn
-
-    def order(self) -> np.ndarray:
-        return np.lexsort((self.rank, self.cluster)).astype(np.int64)
-
-    def to_frame(self, uids: pl.Series) -> pl.DataFrame:
-        """uid | cluster | centroid_dist | rank | nn_sim | nn_uid (what the runner stores)."""
-        has = self.nn_pos >= 0
-        nn_uid = uids.gather(np.where(has, self.nn_pos, 0))
-        nn_uid = pl.select(pl.when(pl.Series(has)).then(nn_uid)).to_series()
-        return pl.DataFrame({
-            "uid": uids, "cluster": pl.Series(self.cluster, dtype=pl.Int32),
-            "centroid_dist": (pl.Series(self.dist, dtype=pl.Float32) if self.dist is not None
-                              else const_column(None, self.n, pl.Float32)),
-            "rank": pl.Series(self.rank, dtype=pl.Int32),
-            "nn_sim": pl.Series(self.nn_sim, dtype=pl.Float32).fill_nan(None), "nn_uid": nn_uid.alias("nn_uid"),
-        })
-
-    def to_arrays(self, order: UidOrder) -> dict[str, Any]:
-        """What goes into the runner's array cache, in uid order (neighbours as uid ranks); each
-        array is built when the cache writes it, so only one exists at a time."""
-        def nn() -> np.ndarray:
-            out = np.full(self.n, -1, dtype=index_dtype(self.n))
-            for s in range(0, self.n, 1 << 20):
-                p = self.nn_pos[s:s + (1 << 20)]
-                has = p >= 0
-                out[s:s + len(p)][has] = order.rank[p[has]]
-            return order.to_uid_order(out)
-
-        return {"rank": lambda: order.to_uid_order(self.rank), "nn_sim": lambda: order.to_uid_order(self.nn_sim),
-                "nn": nn}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict, order: UidOrder, cluster: np.ndarray, dist: np.ndarray,
-                    params: dict | None = None) -> "SemDedupCache":
-        """A cache over stored arrays: nn_sim is read now, rank and neighbours when asked for."""
-        return cls(cluster=cluster, dist=dist, _rank=None,
-                   nn_sim=order.from_uid_order(arrays["nn_sim"]).astype(np.float32, copy=False), _nn_pos=None,
-                   params=dict(params or {}), _stored=((arrays["rank"], arrays["nn"]), order))
-
-
-def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray | None, *, keep: str = "farthest",
-                  seed: int = 0, tiebreak: np.ndarray | None = None, block_rows: int = 512,
-                  tile_cols: int = 8192, batch_rows: int = 65536, progress=None,
-                  order: np.ndarray | None = None) -> SemDedupCache:
-    """The one expensive step: nn_sim / nn_pos for every sample, cluster batch by cluster batch.
-
-    Clusters are gathered from the view `batch_rows` rows at a time (a cluster larger than that
-    alone); memory is that batch plus one block_rows × tile_cols similarity tile. `order` is
-    `cluster_order(cluster, dist, keep, seed, tiebreak)` when the caller has it (and may then
-    have let `dist` go: the cache holds it only when given).
-    """
-    n = len(cluster)
-    cluster = np.asarray(cluster, dtype=np.int32)
-    if dist is not None:
-        dist = np.asarray(dist, dtype=np.float32)
-    if order is None:
-        order = cluster_order(cluster, dist, keep, seed, tiebreak)
-    order = order.astype(index_dtype(n), copy=False)
-    ids, bounds = _segments(cluster[order])
-    rank = np.empty(n, dtype=np.int32)
-    sizes = np.diff(bounds)
-    nn_sim = np.full(n, np.nan, dtype=np.float32)
-    nn_pos = np.full(n, -1, dtype=index_dtype(n))
-    flops = 0.0
-    compute = 0.0
+def similarity_pass(cin: ClusteredInput, keep: str = "farthest", seed: int = 0, *, block_rows: int = 512,
+                    tile_cols: int = 8192, batch_rows: int = BATCH_ROWS, stats: dict | None = None,
+                    progress=None) -> Iterator[tuple[ClusterBatch, np.ndarray, np.ndarray]]:
+    """The one expensive step, batch by batch of whole clusters: (batch in keep order, nn_sim
+    float32 = max cos to an earlier row of its cluster (NaN for a cluster's first row), nn
+    int32 = that row's place in its cluster (-1: none, first occurrence on ties)). Memory: one
+    batch of embeddings and one block_rows × tile_cols similarity tile. `stats` gets the flops,
+    seconds, clusters, largest cluster and pairs."""
+    st = stats if stats is not None else {}
+    st.update(flops=0.0, compute_seconds=0.0, clusters=0, largest_cluster=0, pairs=0.0)
     t0 = time.perf_counter()
-    c = 0
-    nclu = len(ids)
-    while c < nclu:
-        # a batch of whole clusters, singletons included (they cost nothing but a row read)
-        c2 = int(np.searchsorted(bounds, bounds[c] + batch_rows, side="right")) - 1
-        c2 = max(c2, c + 1)
-        lo, hi = int(bounds[c]), int(bounds[c2])
-        rank[order[lo:hi]] = np.arange(lo, hi, dtype=np.int32) - np.repeat(bounds[c:c2].astype(np.int32), sizes[c:c2])
-        if int(sizes[c:c2].max()) > 1:
-            pos = order[lo:hi]
-            x = normalise_rows(view.take(pos), inplace=True)
-            for ci in range(c, c2):
-                a, b = int(bounds[ci]) - lo, int(bounds[ci + 1]) - lo
+    done = 0
+    for bt in cin.batches(batch_rows):
+        bt = in_keep_order(bt, keep, seed)
+        m = len(bt)
+        sim = np.full(m, np.nan, dtype=np.float32)
+        nn = np.full(m, -1, dtype=np.int32)
+        sizes = np.diff(bt.bounds)
+        if int(sizes.max()) > 1:
+            x = normalise_rows(cin.embeddings(bt.pos), inplace=True)
+            for a, b in zip(bt.bounds[:-1].tolist(), bt.bounds[1:].tolist()):
                 if b - a < 2:
                     continue
                 tc = time.perf_counter()
-                sim, arg, f = max_earlier(x[a:b], block_rows, tile_cols)
-                compute += time.perf_counter() - tc
-                flops += f
+                s, arg, f = max_earlier(x[a:b], block_rows, tile_cols)
+                st["compute_seconds"] += time.perf_counter() - tc
+                st["flops"] += f
                 has = arg >= 0
-                p = pos[a:b]
-                nn_sim[p[has]] = sim[has]
-                nn_pos[p[has]] = p[arg[has]]
+                sim[a:b][has] = s[has]
+                nn[a:b][has] = arg[has]
             del x
+        st["clusters"] += len(sizes)
+        st["largest_cluster"] = max(st["largest_cluster"], int(sizes.max()))
+        st["pairs"] += float((sizes.astype(np.float64) * (sizes - 1) / 2).sum())
+        done += m
         if progress is not None:
-            progress(hi)
-        c = c2
-    params = {"keep": keep, "seed": int(seed), "flops": flops, "seconds": round(time.perf_counter() - t0, 3),
-              "compute_seconds": round(compute, 3),
-              "clusters": int(nclu), "largest_cluster": int(sizes.max()) if nclu else 0,
-              "pairs": float((sizes.astype(np.float64) * (sizes - 1) / 2).sum())}
-    return SemDedupCache(cluster, dist, rank, nn_sim, nn_pos, params)
+            progress(done)
+        yield bt, sim, nn
+    st["seconds"] = round(time.perf_counter() - t0, 3)
+    st["compute_seconds"] = round(st["compute_seconds"], 3)
+
+
+def _part(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """a[lo:hi]; a cache file is read with a plain read (mapped pages would stay resident)."""
+    if isinstance(a, np.memmap) and a.filename is not None:
+        return read_range(a.filename, lo, hi)
+    return np.asarray(a[lo:hi])
+
+
+@dataclass
+class SemDedupCache:
+    """The similarity pass's results over a `ClusteredInput`, in its listing order (the keep
+    order within each cluster): arrays in memory or the runner's cache files, read a batch at a
+    time. Any eps, either rule and a target keep fraction are decided from it."""
+
+    cin: ClusteredInput
+    nn_sim: np.ndarray  # float32 (n,)
+    nn: np.ndarray      # int32 (n,): the nearest earlier row's place in its cluster, -1 for none
+    keep: str = "farthest"
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.cin.n
+
+    def batches(self, rows: int = BATCH_ROWS) -> Iterator[tuple[ClusterBatch, np.ndarray, np.ndarray]]:
+        at = 0
+        for bt in self.cin.batches(rows):
+            bt = in_keep_order(bt, self.keep, self.seed)
+            m = len(bt)
+            yield bt, _part(self.nn_sim, at, at + m), _part(self.nn, at, at + m)
+            at += m
+        if at != self.n:
+            raise UsageError(f"the SemDeDup cache holds {self.n} samples, the input {at}")
+
+    def sims(self, rows: int = 1 << 20) -> Iterator[np.ndarray]:
+        """nn_sim a chunk at a time."""
+        for s in range(0, self.n, rows):
+            yield _part(self.nn_sim, s, min(self.n, s + rows))
+
+
+def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *, keep: str = "farthest",
+                  seed: int = 0, tiebreak: np.ndarray | None = None, block_rows: int = 512,
+                  tile_cols: int = 8192, batch_rows: int = BATCH_ROWS) -> SemDedupCache:
+    """`similarity_pass` over in-memory rows (input row i = `view` row i), results in memory."""
+    tb = np.arange(len(cluster)) if tiebreak is None else np.asarray(tiebreak)
+    cin = ClusteredInput.from_arrays(cluster, dist, tb, embed=view.take)
+    stats: dict = {}
+    sims, nns = [np.empty(0, np.float32)], [np.empty(0, np.int32)]
+    for _, s, nn in similarity_pass(cin, keep, seed, block_rows=block_rows, tile_cols=tile_cols,
+                                    batch_rows=batch_rows, stats=stats):
+        sims.append(s)
+        nns.append(nn)
+    return SemDedupCache(cin, np.concatenate(sims), np.concatenate(nns), keep, seed, stats)
 
 
 # ---------------------------------------------------------------------------------------------
 # Applying eps
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class DedupOutcome:
-    keep: np.ndarray        # bool (n,)
-    # input position of the sample a dropped one duplicates, -1 if kept: a whole array (greedy
-    # rule), or the cache's nn_pos_of, read where dropped (paper rule: no n-sized array)
-    refs: Any
-    value: np.ndarray       # float32: cosine to ref (dropped) / nn_sim (kept), NaN when none (read-only)
-    eps: float
-    threshold: float
-    rule: str
-    stats: dict[str, Any] = field(default_factory=dict)
-    refs_where_dropped: bool = False
-
-    def ref_of(self, rows: np.ndarray) -> np.ndarray:
-        """ref positions of these rows (an index array); a new array, never a view of the cache."""
-        if not self.refs_where_dropped:
-            return self.refs[rows]
-        ref = self.refs(rows)
-        return np.where(self.keep[rows], -1, ref).astype(ref.dtype, copy=False)
-
-    @property
-    def ref_pos(self) -> np.ndarray:
-        return self.ref_of(np.arange(len(self.keep)))
-
-
 def threshold_of(eps: float) -> float:
     return 1.0 - float(eps)
 
 
-def apply_eps(cache: SemDedupCache, eps: float, rule: str = "paper", view: EmbeddingView | None = None,
-              *, clusters: np.ndarray | None = None, x_cache: dict | None = None) -> DedupOutcome:
-    """Decisions for one eps from the cache. The paper rule needs nothing else; the greedy rule
-    needs the embeddings of the clusters that hold a chain (see module docstring).
+def greedy_in_cluster(sim: np.ndarray, nn: np.ndarray, thr: float, rows_of) -> tuple[np.ndarray, np.ndarray,
+                                                                                     np.ndarray, int, float]:
+    """The greedy keep-set rule in one cluster (rows in keep order): a row is dropped only as a
+    duplicate of an earlier *kept* row. (keep, ref = place of the kept row it duplicates or -1,
+    value = cosine to it (else nn_sim), rows recomputed, flops). Rows whose nearest earlier row
+    is kept are decided from the pass's results; only rows whose nearest earlier row was dropped
+    get their similarities to the earlier rows recomputed (`rows_of()`: the cluster's unit rows)."""
+    m = len(sim)
+    cand = ge_threshold(sim, thr)  # NaN (the first row) compares False
+    kept = ~cand
+    ref = np.full(m, -1, dtype=np.int64)
+    value = np.array(sim, dtype=np.float32)
+    cidx = np.flatnonzero(cand)
+    direct = ~cand[nn[cidx]]  # its nearest earlier row is not a candidate: that row is kept
+    ref[cidx[direct]] = nn[cidx[direct]]
+    rest = cidx[~direct]
+    recomputed, flops = 0, 0.0
+    x = block = None
+    rows: dict[int, int] = {}
+    for q, j in enumerate(rest.tolist()):  # these depend on earlier decisions: in order
+        i = int(nn[j])
+        if kept[i]:
+            ref[j] = i
+            continue
+        if j not in rows:
+            if x is None:
+                x = rows_of()
+            g = max(1, min(256, (1 << 24) // max(1, j)))
+            group = rest[q:q + g]
+            block = x[group] @ x[:int(group[-1])].T
+            flops += 2.0 * block.shape[0] * block.shape[1] * x.shape[1]
+            rows = {int(jj): r for r, jj in enumerate(group.tolist())}
+        recomputed += 1
+        row = np.where(kept[:j], block[rows[j], :j], -np.inf)
+        a = int(row.argmax())
+        if float(row[a]) >= thr:
+            ref[j] = a
+            value[j] = row[a]
+        else:
+            kept[j] = True
+    kept[ref < 0] = True
+    return kept, ref, value, recomputed, flops
 
-    `clusters` restricts the greedy computation to those cluster ids (calibration samples);
-    rows outside them are returned as kept.
-    """
-    thr = threshold_of(eps)
-    dup = ge_threshold(cache.nn_sim, thr)  # NaN (first of its cluster) compares False
-    if rule == "paper":
-        return DedupOutcome(~dup, cache.nn_pos_of, cache.nn_sim, float(eps), thr, rule, {"dropped": int(dup.sum())},
-                            refs_where_dropped=True)
-    if rule != "greedy":
+
+def decide(cache: SemDedupCache, thr: float, rule: str = "paper", stats: dict | None = None,
+           x_cache: dict | None = None) -> Iterator[tuple[ClusterBatch, np.ndarray, np.ndarray, np.ndarray]]:
+    """(batch, keep, ref = batch row it duplicates or -1, value) for every batch of the cache at
+    the threshold 1 - eps. The paper rule needs nothing but the cache; the greedy rule reads
+    the embeddings of the clusters that hold a chain."""
+    if rule not in RULES:
         raise UsageError(f"rule must be one of {', '.join(RULES)}, not {rule!r}")
-    if view is None:
-        raise UsageError("the greedy rule needs the embeddings")
-    return _greedy(cache, thr, float(eps), dup, view, clusters, x_cache)
+    st = stats if stats is not None else {}
+    st.setdefault("dropped", 0)
+    if rule == "greedy":
+        st.setdefault("greedy_recomputed_rows", 0)
+        st.setdefault("greedy_flops", 0.0)
+    for bt, sim, nn in cache.batches():
+        starts = np.repeat(bt.bounds[:-1], np.diff(bt.bounds))
+        if rule == "paper":
+            dup = ge_threshold(sim, thr)
+            keep, value = ~dup, sim
+            ref = np.where(dup, starts + nn, -1)
+        else:
+            keep = np.ones(len(bt), dtype=bool)
+            ref = np.full(len(bt), -1, dtype=np.int64)
+            value = np.array(sim)
+            dup = ge_threshold(sim, thr)
+            for a, b in zip(bt.bounds[:-1].tolist(), bt.bounds[1:].tolist()):
+                if not dup[a:b].any():
+                    continue
+                cid = int(bt.ids[np.searchsorted(bt.bounds, a, side="right") - 1])
+
+                def rows_of(a=a, b=b, cid=cid):
+                    if x_cache is not None and cid in x_cache:
+                        return x_cache[cid]
+                    x = normalise_rows(cache.cin.embeddings(bt.pos[a:b]), inplace=True)
+                    if x_cache is not None:
+                        x_cache[cid] = x
+                    return x
+                k, r, v, rec, f = greedy_in_cluster(sim[a:b], nn[a:b], thr, rows_of)
+                keep[a:b], value[a:b] = k, v
+                ref[a:b] = np.where(r >= 0, a + r, -1)
+                st["greedy_recomputed_rows"] += rec
+                st["greedy_flops"] += f
+        st["dropped"] += int((~keep).sum())
+        yield bt, keep, ref, value
 
 
-def _greedy(cache: SemDedupCache, thr: float, eps: float, dup: np.ndarray, view: EmbeddingView,
-            clusters: np.ndarray | None, x_cache: dict | None) -> DedupOutcome:
+@dataclass
+class DedupOutcome:
+    keep: np.ndarray     # bool (n,), input order
+    ref_pos: np.ndarray  # int64 (n,): input row of the sample a dropped one duplicates, -1 if kept
+    value: np.ndarray    # float32: cosine to ref (dropped) / nn_sim (kept), NaN when none
+    eps: float
+    threshold: float
+    rule: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_eps(cache: SemDedupCache, eps: float, rule: str = "paper") -> DedupOutcome:
+    """Every row's decision at one eps, in input order, for a cache over in-memory rows
+    (`semdedup_pass`): what the stage decides batch by batch, gathered into arrays."""
+    thr = threshold_of(eps)
     n = cache.n
     keep = np.ones(n, dtype=bool)
     ref = np.full(n, -1, dtype=np.int64)
-    value = cache.nn_sim.copy()  # rows get the similarity to the kept sample they duplicate
-    if clusters is not None:
-        dup = dup & np.isin(cache.cluster, clusters)
-    order = cache.order()
-    ids, bounds = _segments(cache.cluster[order])
-    has_dup = np.add.reduceat(dup[order].astype(np.int64), bounds[:-1]) > 0 if n else np.zeros(0, bool)
-    flops = 0.0
-    recomputed = 0
-    for ci in np.flatnonzero(has_dup):
-        lo, hi = int(bounds[ci]), int(bounds[ci + 1])
-        members = order[lo:hi]
-        cand = dup[members]
-        nn_local = np.where(cache.nn_pos[members] >= 0, cache.rank[np.maximum(cache.nn_pos[members], 0)], -1)
-        kept = ~cand
-        # Candidates whose nearest earlier neighbour is not a candidate: that neighbour is kept,
-        # so the candidate is dropped against it (vectorised).
-        cidx = np.flatnonzero(cand)
-        direct = ~cand[nn_local[cidx]]
-        d_idx = cidx[direct]
-        ref[members[d_idx]] = members[nn_local[d_idx]]
-        # The rest depend on earlier decisions: resolve in order.
-        rest = cidx[~direct]
-        if len(rest):
-            x = None
-            rows: dict[int, int] = {}
-            block = None
-            for q, j in enumerate(rest.tolist()):
-                i = int(nn_local[j])
-                if kept[i]:
-                    ref[members[j]] = members[i]
-                    continue
-                if j not in rows:
-                    if x is None:
-                        key = int(ids[ci])
-                        if x_cache is not None and key in x_cache:
-                            x = x_cache[key]
-                        else:
-                            x = normalise_rows(view.take(members), inplace=True)
-                            if x_cache is not None:
-                                x_cache[key] = x
-                    g = max(1, min(256, (1 << 24) // max(1, j)))
-                    group = rest[q:q + g]
-                    block = x[group] @ x[:int(group[-1])].T
-                    flops += 2.0 * block.shape[0] * block.shape[1] * x.shape[1]
-                    rows = {int(jj): r for r, jj in enumerate(group.tolist())}
-                recomputed += 1
-                row = np.where(kept[:j], block[rows[j], :j], -np.inf)
-                a = int(row.argmax())
-                if float(row[a]) >= thr:
-                    ref[members[j]] = members[a]
-                    value[members[j]] = row[a]
-                else:
-                    kept[j] = True
-        keep[members] = kept
-    keep[ref < 0] = True
-    return DedupOutcome(keep, ref, value, eps, thr, "greedy",
-                        {"dropped": int((~keep).sum()), "greedy_recomputed_rows": recomputed, "greedy_flops": flops})
+    value = np.full(n, np.nan, dtype=np.float32)
+    stats: dict = {}
+    for bt, k, r, v in decide(cache, thr, rule, stats):
+        keep[bt.pos], value[bt.pos] = k, v
+        ref[bt.pos] = np.where(r >= 0, bt.pos[np.maximum(r, 0)], -1)
+    return DedupOutcome(keep, ref, value, float(eps), thr, rule, stats)
 
 
-def calibrate_eps(cache: SemDedupCache, target_keep: float, rule: str = "paper",
-                  view: EmbeddingView | None = None, *, seed: int = 0, sample_rows: int = 100_000) -> tuple[float, dict]:
+def calibrate_eps(cache: SemDedupCache, target_keep: float, rule: str = "paper", *, seed: int = 0,
+                  sample_rows: int = 100_000) -> tuple[float, dict]:
     """The eps whose decisions keep the fraction closest to `target_keep`.
 
-    Paper rule: exact, a quantile of nn_sim (ties can make the exact count unreachable; the
-    nearest count is taken). Greedy rule: bisection over the nn_sim values of a seeded sample of
-    whole clusters (about `sample_rows` samples), then applied to all clusters; the achieved
-    pool-wide fraction is reported by the caller.
+    Paper rule: exact, a quantile of nn_sim found from streamed histograms (ties can make the
+    exact count unreachable; the nearest count is taken). Greedy rule: bisection over the
+    nn_sim values of a seeded sample of whole clusters (about `sample_rows` samples), then
+    applied to all clusters; the achieved pool-wide fraction is reported by the caller.
     """
     if not 0.0 <= target_keep <= 1.0:
         raise UsageError(f"target_keep must be in [0, 1], not {target_keep}")
     if rule == "paper":
-        return _calibrate_paper(cache.nn_sim, target_keep)
+        return _calibrate_paper(cache.sims, cache.n, target_keep)
     if rule != "greedy":
         raise UsageError(f"rule must be one of {', '.join(RULES)}, not {rule!r}")
-    if view is None:
-        raise UsageError("the greedy rule needs the embeddings")
-    present, sizes = np.unique(cache.cluster, return_counts=True)
+    sizes, _ = cache.cin.totals()
+    present = np.flatnonzero(sizes)
     perm = np.random.default_rng(seed).permutation(len(present))
-    take = int(np.searchsorted(np.cumsum(sizes[perm]), sample_rows)) + 1
-    chosen = np.sort(present[perm[:take]])
-    in_sample = np.isin(cache.cluster, chosen)
-    n_s = int(in_sample.sum())
-    vals = np.unique(cache.nn_sim[in_sample & ~np.isnan(cache.nn_sim)]).astype(np.float64)
+    take = int(np.searchsorted(np.cumsum(sizes[present][perm]), sample_rows)) + 1
+    chosen = set(present[perm[:take]].tolist())
+    sample = []  # (sim, nn, rows_of) of each chosen cluster
+    for bt, sim, nn in cache.batches():
+        for ci, (a, b) in enumerate(zip(bt.bounds[:-1].tolist(), bt.bounds[1:].tolist())):
+            if int(bt.ids[ci]) in chosen:
+                pos = bt.pos[a:b].copy()
+                memo: list = []
+
+                def rows_of(pos=pos, memo=memo):
+                    if not memo:
+                        memo.append(normalise_rows(cache.cin.embeddings(pos), inplace=True))
+                    return memo[0]
+                sample.append((sim[a:b].copy(), nn[a:b].copy(), rows_of))
+    n_s = sum(len(s) for s, _, _ in sample)
+    info = {"calibration_rows": n_s, "calibration_clusters": len(sample)}
+    vals = np.unique(np.concatenate([s[~np.isnan(s)] for s, _, _ in sample] or [np.empty(0, np.float32)]))
+    if len(vals) == 0:
+        return _eps_from_thr(1.0), info
     target = target_keep * n_s
-    x_cache: dict = {}
 
     def kept_at(thr: float) -> int:
-        out = apply_eps(cache, 1.0 - thr, "greedy", view, clusters=chosen, x_cache=x_cache)
-        return int(out.keep[in_sample].sum())
+        return sum(int(greedy_in_cluster(s, nn, thr, rows_of)[0].sum()) for s, nn, rows_of in sample)
 
-    if len(vals) == 0:
-        return _eps_from_thr(1.0), {"calibration_rows": n_s, "calibration_clusters": int(len(chosen))}
     # candidate thresholds: each observed value (drop >= it) plus "above everything"
-    cands = np.r_[vals, np.nextafter(np.float32(vals[-1]), np.float32(np.inf))]
+    cands = np.r_[vals.astype(np.float64), float(np.nextafter(np.float32(vals[-1]), np.float32(np.inf)))]
     lo, hi = 0, len(cands) - 1  # kept count grows with the threshold index
     best = None
     while lo <= hi:
@@ -479,13 +443,11 @@ def calibrate_eps(cache: SemDedupCache, target_keep: float, rule: str = "paper",
             hi = mid - 1
         else:
             break
-    thr = float(cands[best[0]])
-    return _eps_from_thr(thr), {"calibration_rows": n_s, "calibration_clusters": int(len(chosen)),
-                                "calibration_keep_fraction": best[1] / max(1, n_s)}
+    return _eps_from_thr(float(cands[best[0]])), {**info, "calibration_keep_fraction": best[1] / max(1, n_s)}
 
 
 def _eps_from_thr(thr: float) -> float:
-    """eps with 1 - eps == thr exactly (so apply_eps reproduces the calibrated decisions)."""
+    """eps with 1 - eps == thr exactly (so a rerun with it reproduces the calibrated decisions)."""
     eps = 1.0 - thr
     for _ in range(4):
         if 1.0 - eps == thr:
@@ -494,38 +456,63 @@ def _eps_from_thr(thr: float) -> float:
     return float(eps)
 
 
-def _calibrate_paper(nn_sim: np.ndarray, target_keep: float) -> tuple[float, dict]:
-    n = len(nn_sim)
-    v = np.sort(nn_sim[~np.isnan(nn_sim)].astype(np.float64))
-    firsts = n - len(v)
-    m = int(np.clip(round(target_keep * n) - firsts, 0, len(v)))  # non-first samples to keep
-    if len(v) == 0:
+def _sortable(v: np.ndarray) -> np.ndarray:
+    """uint32 keys that order like the float32 values (NaN excluded by the caller)."""
+    b = np.asarray(v, dtype=np.float32).view(np.uint32)
+    return np.where(b >> np.uint32(31), ~b, b | np.uint32(0x80000000))
+
+
+def _from_sortable(key: int) -> float:
+    b = np.uint32(key)
+    b = b & np.uint32(0x7FFFFFFF) if b >> np.uint32(31) else ~b
+    return float(np.array(b, dtype=np.uint32).view(np.float32))
+
+
+def _calibrate_paper(chunks, n: int, target_keep: float) -> tuple[float, dict]:
+    """Exact quantile of the non-NaN values that `chunks()` yields (float32), from two streamed
+    histograms of their sortable 32-bit keys (high 16 bits, then low 16 bits inside one bin):
+    two passes, 65,536 counters, nothing per sample."""
+    hi_hist = np.zeros(1 << 16, dtype=np.int64)
+    for c in chunks():
+        c = c[~np.isnan(c)]
+        hi_hist += np.bincount(_sortable(c) >> np.uint32(16), minlength=1 << 16)
+    total = int(hi_hist.sum())
+    firsts = n - total
+    target = int(round(target_keep * n))
+    m = int(np.clip(target - firsts, 0, total))  # non-first samples to keep
+    if total == 0:
         return _eps_from_thr(1.0), {"target_kept": firsts}
-    above = float(np.nextafter(np.float32(v[-1]), np.float32(np.inf)))
-    if m == len(v):
-        thr = above
-    else:
-        # keep values < thr; ties at v[m] make `m` unreachable: take the nearer of the two counts
-        t_low = float(v[m])
-        k_low = int(np.searchsorted(v, t_low, "left"))
-        t_high = float(np.nextafter(np.float32(v[m]), np.float32(np.inf)))
-        k_high = int(np.searchsorted(v, t_high, "left"))
-        thr = t_low if (m - k_low) <= (k_high - m) else t_high
-    return _eps_from_thr(thr), {"target_kept": int(round(target_keep * n))}
+    top_bin = int(np.flatnonzero(hi_hist)[-1])
+
+    def low_hist(bin_: int) -> np.ndarray:
+        h = np.zeros(1 << 16, dtype=np.int64)
+        for c in chunks():
+            k = _sortable(c[~np.isnan(c)])
+            k = k[(k >> np.uint32(16)) == bin_]
+            h += np.bincount(k & np.uint32(0xFFFF), minlength=1 << 16)
+        return h
+
+    if m == total:  # keep everything: just above the largest value
+        top = int(np.flatnonzero(low_hist(top_bin))[-1])
+        thr = float(np.nextafter(np.float32(_from_sortable((top_bin << 16) | top)), np.float32(np.inf)))
+        return _eps_from_thr(thr), {"target_kept": target}
+    # the m-th smallest value (0-based), and how many values are below it and at it
+    cum = np.cumsum(hi_hist)
+    b = int(np.searchsorted(cum, m, side="right"))
+    below_bin = int(cum[b - 1]) if b else 0
+    lh = np.cumsum(low_hist(b))
+    lo16 = int(np.searchsorted(lh, m - below_bin, side="right"))
+    value = np.float32(_from_sortable((b << 16) | lo16))
+    k_low = below_bin + (int(lh[lo16 - 1]) if lo16 else 0)   # values < v[m]
+    k_high = below_bin + int(lh[lo16])                       # values <= v[m]
+    # keep values < thr; ties at v[m] make `m` unreachable: take the nearer of the two counts
+    thr = float(value) if (m - k_low) <= (k_high - m) else float(np.nextafter(value, np.float32(np.inf)))
+    return _eps_from_thr(thr), {"target_kept": target}
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage
 # ---------------------------------------------------------------------------------------------
-
-def _per_cluster(cache: SemDedupCache, out: DedupOutcome) -> pl.DataFrame:
-    """cluster | size | dropped, for the report (per-sample nn data stays in the cache)."""
-    size = cluster_sizes(cache.cluster)
-    dropped = cluster_sizes(cache.cluster[~out.keep], len(size))
-    present = np.flatnonzero(size)
-    return pl.DataFrame({"cluster": pl.Series(present, dtype=pl.Int32), "size": pl.Series(size[present], dtype=pl.UInt32),
-                         "dropped": pl.Series(dropped[present], dtype=pl.UInt32)})
-
 
 def auto_k(n: int, per_cluster: int = 5000, cap: int = 50_000) -> int:
     """~5,000 samples per cluster (LAION-440M / 50k ≈ 8,800): the cost is Σ|C|² per cluster."""
@@ -571,8 +558,12 @@ class SemanticDedup(Stage):
 
     def cluster_spec(self, inp: StageInput) -> ClusterSpec:
         """The clustering this stage wants for this input (`.key()` names it in the cache)."""
-        seed = int(self.seed if self.seed is not None else inp.seed)
-        return ClusterSpec(k=int(self.k) if self.k else auto_k(len(inp.frame)), niter=self.niter, seed=seed,
+        return self.spec_for(len(inp.frame), inp.seed)
+
+    def spec_for(self, n: int, run_seed: int) -> ClusterSpec:
+        """The clustering this stage wants for n input samples in a run seeded `run_seed`."""
+        seed = int(self.seed if self.seed is not None else run_seed)
+        return ClusterSpec(k=int(self.k) if self.k else auto_k(n), niter=self.niter, seed=seed,
                            sample_size=self.sample_size, scorer=self.scorer, kind=self.kind)
 
     def apply(self, inp: StageInput) -> StageResult:
@@ -582,73 +573,70 @@ class SemanticDedup(Stage):
         if n == 0:
             return StageResult(decisions_frame(uids, pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
         seed = int(self.seed if self.seed is not None else inp.seed)
-        stats: dict[str, Any] = {}
         order = UidOrder(uids)
         clu = clustering_for_stage(inp, self.cluster_spec(inp), order=order, device=self.device)
-        stats["clustering"] = clu.source
-        stats["clustering_key"] = clu.identity
-        cache_store = getattr(inp, "cache", None)
-        key = "semdedup-" + short_hash(clu.identity, self.keep, seed if self.keep == "random" else "")
-        got = cache_store.get(key) if cache_store is not None else None
-        if got is not None and len(got.get("rank", ())) == n:
-            cache = SemDedupCache.from_arrays(got, order, clu.cluster, clu.dist, {"keep": self.keep, "key": key})
-            del got  # nn_sim's mapped pages: read once, they would count as memory while mapped
+        cin = ClusteredInput.from_arrays(clu.cluster, clu.dist, order.tiebreak(), k=clu.k, uids=uids,
+                                         embed=lambda pos: inp.embedding(self.scorer, self.kind).take(pos),
+                                         identity=clu.identity, source=clu.source)
+        res = self.run_clustered(cin, None, seed, getattr(inp, "cache", None))
+        return StageResult(in_input_order(res.decision_chunks(), n, REF_ROW), res.artefacts, res.stats)
+
+    def run_clustered(self, cin: ClusteredInput, budget, seed: int, cache=None) -> StageResult:
+        """SemDeDup over a cluster-major listing: the similarity pass (or its cache), then the
+        decisions batch by batch; they carry each row's `POS` and its duplicate's `REF_POS`."""
+        n = cin.n
+        stats: dict[str, Any] = {"clustering": cin.source, "clustering_key": cin.identity}
+        key = "semdedup-" + short_hash(cin.identity, self.keep, seed if self.keep == "random" else "", "listing")
+        got = cache.get(key) if cache is not None else None
+        if got is not None and len(got.get("nn_sim", ())) == n:
+            sd = SemDedupCache(cin, got["nn_sim"], got["nn"], self.keep, seed)
             stats["similarities"] = "cache"
         else:
-            view = inp.embedding(self.scorer, self.kind)
+            pstats: dict = {}
             with console.progress(transient=True) as bar:
                 task = bar.add_task("semdedup: similarities within clusters", total=n)
-                corder = cluster_order(clu.cluster, clu.dist, self.keep, seed, order.rank)
-                corder = corder.astype(index_dtype(n), copy=False)
-                clu.dist = None  # only the order needed it: 4 bytes a sample fewer while the pass runs
-                cache = semdedup_pass(view, clu.cluster, None, keep=self.keep, seed=seed, order=corder,
-                                      block_rows=self.block_rows, tile_cols=self.tile_cols,
-                                      batch_rows=self.batch_rows,
-                                      progress=lambda done: bar.update(task, completed=done))
-                del corder
-            if cache_store is not None:
-                cache_store.put(key, cache.to_arrays(order))
+                rows = similarity_pass(cin, self.keep, seed, block_rows=self.block_rows, tile_cols=self.tile_cols,
+                                       batch_rows=self.batch_rows, stats=pstats,
+                                       progress=lambda done: bar.update(task, completed=done))
+                if cache is not None:  # written as it is computed: nothing n-sized in memory
+                    cache.put_stream(key, {"nn_sim": np.float32, "nn": np.int32}, n,
+                                     ((s, nn) for _, s, nn in rows))
+                    got = cache.get(key)
+                    sd = SemDedupCache(cin, got["nn_sim"], got["nn"], self.keep, seed)
+                else:
+                    parts = [(s, nn) for _, s, nn in rows]
+                    sd = SemDedupCache(cin, np.concatenate([s for s, _ in parts]),
+                                       np.concatenate([nn for _, nn in parts]), self.keep, seed)
+                    del parts
             stats["similarities"] = "computed"
-            stats.update({f"pass_{k}": v for k, v in cache.params.items()
-                          if k in ("flops", "seconds", "compute_seconds", "clusters", "largest_cluster", "pairs")})
-        view = inp.embedding(self.scorer, self.kind) if self.rule == "greedy" else None
+            stats.update({f"pass_{k}": v for k, v in pstats.items()})
         if self.target_keep is not None:
-            eps, cal = calibrate_eps(cache, self.target_keep, self.rule, view, seed=seed,
-                                     sample_rows=self.calibration_rows)
+            eps, cal = calibrate_eps(sd, self.target_keep, self.rule, seed=seed, sample_rows=self.calibration_rows)
             stats.update(cal)
         else:
             eps = float(self.eps)
-        out = apply_eps(cache, eps, self.rule, view)
-        stats.update(out.stats)
-        stats.update({"eps": out.eps, "threshold": out.threshold, "rule": self.rule, "n_in": n,
-                      "n_kept": int(out.keep.sum()), "keep_fraction": float(out.keep.mean())})
-        artefacts = {"semdedup_clusters": _per_cluster(cache, out)}
-        # What the decisions need, and no more: keep and value for every row; the sample each
-        # dropped row duplicates, its cluster and rank (for `detail`) for the dropped rows only.
-        keep, value, threshold = out.keep, out.value, out.threshold
-        drop = np.flatnonzero(~keep).astype(index_dtype(n))
-        d_ref, d_cluster, d_rank = out.ref_of(drop), cache.cluster[drop], cache.rank_of(drop)
-        del cache, out, clu, order
-        return StageResult(None, artefacts, stats, chunks=in_chunks(n, lambda s, e: self._decisions(
-            uids, keep, value, threshold, drop, d_ref, d_cluster, d_rank, s, e)))
+        thr = threshold_of(eps)
+        stats.update({"eps": eps, "threshold": thr, "rule": self.rule, "n_in": n})
+        artefacts: dict[str, Any] = {}
+        size, dropped = np.zeros(cin.k, dtype=np.int64), np.zeros(cin.k, dtype=np.int64)
 
-    @staticmethod
-    def _decisions(uids: pl.Series, keep: np.ndarray, value: np.ndarray, threshold: float, drop: np.ndarray,
-                   d_ref: np.ndarray, d_cluster: np.ndarray, d_rank: np.ndarray, start: int, stop: int) -> pl.DataFrame:
-        """Decisions of input rows [start, stop); `drop` lists the dropped rows, `d_*` their facts."""
-        k = keep[start:stop]
-        dm = ~k
-        a, b = np.searchsorted(drop, [start, stop])
-        ref = np.zeros(stop - start, dtype=d_ref.dtype)
-        ref[drop[a:b] - start] = d_ref[a:b]
-        ref_idx = pl.select(pl.when(pl.Series(dm)).then(pl.Series(ref))).to_series()
-        # detail only where it explains a drop
-        detail = sparse_strings(dm, pl.select(pl.format("cluster={} rank={}", pl.Series(d_cluster[a:b]),
-                                                        pl.Series(d_rank[a:b]))).to_series())
-        return decisions_frame(
-            uids.slice(start, stop - start), pl.Series(k),
-            reason=reason_where(dm, REASON),
-            value=pl.Series(value[start:stop]).fill_nan(None),
-            threshold=const_column(threshold, stop - start, pl.Float64),
-            ref_uid=uids.gather(ref_idx), detail=detail,
-        ).with_columns(ref_idx.cast(pl.Int64).alias(REF_ROW))
+        def chunks():
+            dstats: dict = {}
+            for bt, keep, ref, value in decide(sd, thr, self.rule, dstats):
+                dm = ~keep
+                size[:] += np.bincount(bt.cluster, minlength=cin.k)
+                dropped[:] += np.bincount(bt.cluster[dm], minlength=cin.k)
+                # detail only where it explains a drop
+                detail = sparse_strings(dm, pl.select(pl.format("cluster={} rank={}", pl.Series(bt.cluster[dm]),
+                                                                pl.Series(bt.local_rank()[dm]))).to_series())
+                yield cin.decisions(bt, keep, reason=reason_where(dm, REASON),
+                                    value=pl.Series(value, dtype=pl.Float64).fill_nan(None),
+                                    threshold=const_column(thr, len(bt), pl.Float64), ref=ref, detail=detail)
+            kept = n - dstats["dropped"]
+            stats.update(dstats)
+            stats.update({"n_kept": kept, "keep_fraction": kept / n if n else 0.0})
+            present = np.flatnonzero(size)
+            artefacts["semdedup_clusters"] = pl.DataFrame({
+                "cluster": pl.Series(present, dtype=pl.Int32), "size": pl.Series(size[present], dtype=pl.UInt32),
+                "dropped": pl.Series(dropped[present], dtype=pl.UInt32)})
+        return StageResult(None, artefacts, stats, chunks=chunks)
