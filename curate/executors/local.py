@@ -138,8 +138,9 @@ class PoolSource:
     """The run's pool: a compact spine in memory, sample columns streamed from the manifest.
 
     The spine holds, per usable sample in (shard_id, row_idx) order (its *position*): the rank of
-    its uid in sorted uid order (the `uid` stages see: 4 bytes, orders like the strings), whether
-    its image decoded (1 byte) and the scores the recipe needs (8 bytes each); its row id in the
+    its uid in sorted uid order (the `uid` stages see: 4 bytes, orders like the strings) and the
+    scores the recipe needs (8 bytes each); the positions whose image did not decode (a sorted
+    list, with the decoder's message); its row id in the
     samples table, shard_id and row_idx as runs (`RunArray`: a pair per run of consecutive
     rows, a few thousand for a whole pool). The uid strings stay in DuckDB;
     decisions get them back by a join on the row id when they are written. A stage's other
@@ -201,9 +202,30 @@ class PoolSource:
         self.err_pos = epos[order]
         self.err_detail = pl.Series("decode_error", err.column("detail").to_pylist(), dtype=pl.Utf8).gather(order) \
             if err.num_rows else pl.Series("decode_error", [], dtype=pl.Utf8)
-        self.decodable = np.ones(self.n, dtype=bool)
-        self.decodable[self.err_pos] = False
         manifest.trim()  # the uid sort's table blocks
+
+    @property
+    def all_decodable(self) -> bool:
+        return not len(self.err_pos)
+
+    def decodable(self) -> np.ndarray:
+        """Whether each position's image decoded (built when asked: a byte a sample)."""
+        m = np.ones(self.n, dtype=bool)
+        m[self.err_pos] = False
+        return m
+
+    def decodable_by_rank(self) -> np.ndarray:
+        """`decodable()` in uid-rank order."""
+        m = np.ones(self.n, dtype=bool)
+        m[self.rank[self.err_pos]] = False
+        return m
+
+    def undecodable_among(self, pos: np.ndarray) -> int:
+        """How many of these positions (sorted) did not decode."""
+        if not len(self.err_pos) or not len(pos):
+            return 0
+        i = np.minimum(np.searchsorted(pos, self.err_pos), len(pos) - 1)
+        return int((pos[i] == self.err_pos).sum())
 
     def _scores(self, sc: str) -> pl.Series:
         if not self.m.scalar("SELECT count(*) FROM scores WHERE scorer = ?", [sc]):
@@ -520,14 +542,13 @@ class _Pool:
 
     def __init__(self, src: PoolSource):
         self.src = src
-        self.all_decodable = bool(src.decodable.all())
+        self.all_decodable = src.all_decodable
         self._fingerprint: str | None = None
         self._drank: np.ndarray | None = None
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            bits = (np.ones(self.src.n, dtype=bool) if self.all_decodable
-                    else self.src.decodable[self.src.pos_of_rank])
+            bits = self.src.decodable_by_rank()
             self._fingerprint = bitmap_fingerprint(bits, self.src.pool_key)
         return self._fingerprint
 
@@ -537,7 +558,7 @@ class _Pool:
         if self.all_decodable:
             return r
         if self._drank is None:
-            self._drank = np.cumsum(self.src.decodable[self.src.pos_of_rank], dtype=index_dtype(self.src.n)) - 1
+            self._drank = np.cumsum(self.src.decodable_by_rank(), dtype=index_dtype(self.src.n)) - 1
         return self._drank[r]
 
     def clustering_key(self, spec) -> str:
@@ -565,7 +586,7 @@ class _Pool:
         n = len(np.load(files / "cluster.npy", mmap_mode="r"))
         k = int(np.load(files / "centroids.npy", mmap_mode="r").shape[0])
         pr = src.pos_of_rank
-        dpos = pr if self.all_decodable else pr[src.decodable[pr]]  # position of each clustered row
+        dpos = pr if self.all_decodable else pr[src.decodable_by_rank()]  # position of each clustered row
         step = 1 << 20
 
         def rows():
@@ -585,7 +606,7 @@ class _Pool:
         if got is not None:
             return got, "cache"
         src = self.src
-        pos = None if self.all_decodable else np.flatnonzero(src.decodable).astype(index_dtype(src.n), copy=False)
+        pos = None if self.all_decodable else np.flatnonzero(src.decodable()).astype(index_dtype(src.n), copy=False)
         view = ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, spec.scorer, spec.kind),
                                      spec.scorer, spec.kind)
         row = src.rank if pos is None else self.index(pos)  # each view row's place in pool order
@@ -810,7 +831,7 @@ def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.n
     re-clusters."""
     src = pool.src
     spec = stage.cluster_spec(inp)
-    bad = int((~src.decodable[pos]).sum())
+    bad = src.undecodable_among(pos)
     if bad:
         raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have none "
                          f"(undecodable images); put a decode_failures stage before it")
