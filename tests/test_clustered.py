@@ -150,6 +150,11 @@ def test_runner_cluster_index_path_equals_the_frame_path(tmp_path):
     run_cli("synth", pool, "--layout", "datacomp", "--n", "6000", "--seed", "4", "--shard-size", "2500",
             "--clusters", "50")
     run_json("ingest", pool, "-w", ws)
+    # what a killed prune leaves behind: staged decisions, a half-written cache array
+    (ws / "tmp" / "decisions-99-1").mkdir(parents=True)
+    (ws / "tmp" / "decisions-99-1" / "staged.parquet").write_bytes(b"x")
+    (ws / "cache" / "semdedup-x").mkdir(parents=True)
+    (ws / "cache" / "semdedup-x" / ".nn.npy.123.partial").write_bytes(b"x")
     runs = {}
     for where in ("survivors", "pool"):
         recipe = tmp_path / f"{where}.toml"
@@ -165,6 +170,8 @@ def test_runner_cluster_index_path_equals_the_frame_path(tmp_path):
         uids = m.frame("SELECT uid FROM samples WHERE status = 'ok' ORDER BY shard_id, row_idx")["uid"]
     finally:
         m.close()
+    assert not (ws / "tmp" / "decisions-99-1").exists() and not list((ws / "cache").glob("*/.*.partial"))
+    assert not list((ws / "tmp").glob("decisions-*"))  # the runs' own staging is gone too
     assert a.height == 6000 and 0 < (~a["keep"]).sum() < 6000
     assert a.equals(b)
     assert (a.filter(~pl.col("keep"))["ref_uid"].is_not_null()).all()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,16 @@ class ArrayCache:
             return None
         names = json.loads((d / "_complete.json").read_text())["arrays"]
         return {n: np.load(d / f"{n}.npy", mmap_mode="r") for n in names}
+
+    def clear_partials(self) -> int:
+        """Remove what a killed run left half-written (partial files; k-means assignments in
+        view order). Only while holding the workspace's writer lock. Returns how many."""
+        gone = 0
+        if self.root.exists():
+            for f in [*self.root.glob("*/.*.partial"), *self.root.glob("*/.*.view.npy")]:
+                f.unlink(missing_ok=True)
+                gone += 1
+        return gone
 
     def put_stream(self, key: str, dtypes: dict, n: int, parts) -> None:
         """Arrays of n entries written as they are computed: `parts` yields, chunk by chunk, one
@@ -134,6 +145,24 @@ TRIM_EVERY = 8  # batches between evictions of DuckDB's cached table blocks whil
 WRITE_CHUNK = 262_144
 
 
+def _file_backed(a: np.ndarray, tmp: Path) -> np.ndarray:
+    """`a` as a read-only memory map of a file that is already unlinked (nothing is left behind
+    if the process dies), so its pages are clean page cache the kernel can reclaim rather than
+    this process's memory; `a` itself when the file cannot be written (a read-only workspace)."""
+    import os
+
+    path = tmp / f".spine-{os.getpid()}-{id(a)}.npy"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(path, a)
+        out = np.load(path, mmap_mode="r")
+    except OSError:
+        return a
+    finally:
+        path.unlink(missing_ok=True)
+    return out
+
+
 class PoolSource:
     """The run's pool: a compact spine in memory, sample columns streamed from the manifest.
 
@@ -188,6 +217,7 @@ class PoolSource:
             at += len(rid)
         if at != self.n:
             raise CurateError("the samples table changed while the run was reading it")
+        self.rank = _file_backed(self.rank, Path(manifest.path).parent / "tmp")
         self._pos_of_rank: np.ndarray | None = None
         cnt, x, sm = manifest.one("SELECT count(*), bit_xor(hash(uid)), sum(hash(uid)::HUGEINT) FROM samples "
                                   "WHERE status = 'ok'")
@@ -244,6 +274,16 @@ class PoolSource:
         if has.all():
             return pl.Series(name, vals)
         return pl.select(pl.when(pl.Series(has)).then(pl.Series(vals)).alias(name)).to_series()
+
+    def release(self) -> None:
+        """Let the kernel take back the pages of the file-backed rank array this process has
+        read (they stay in the page cache and come back on the next read): between stages and
+        while decisions are written, which never read it."""
+        mm = getattr(self.rank, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise"):
+            import mmap
+
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def rank_at(self, pos: np.ndarray) -> np.ndarray:
         """uid ranks at these positions (sorted, distinct, as everywhere in the runner): the
@@ -411,10 +451,14 @@ def load_pool(manifest, scorers: list[str]) -> PoolSource:
 
 def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, budget, record: bool) -> dict:
     n_pool = src.n
+    cache = ArrayCache(ws.root / "cache")
+    if record:  # the writer lock is ours: nothing else is writing these
+        cache.clear_partials()
+        for d in (ws.root / "tmp").glob("decisions-*"):
+            shutil.rmtree(d, ignore_errors=True)
     alive = np.ones(n_pool, dtype=bool)
     n_alive = n_pool
     clustering_pool = _Pool(src)
-    cache = ArrayCache(ws.root / "cache")
     run_dir = ws.run_dir(run_id) if record else None
     outcomes: list[StageOutcome] = []
     warnings: list[str] = []
@@ -466,6 +510,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 # later chunks never hold these positions, and `pos` was taken before the stage
                 alive[dec_pos[~keep]] = False
                 del dec, dec_pos, keep
+            src.release()
             if staged is not None:
                 for part, part_pos in staged.drain(manifest):
                     _record_decisions(manifest, src, run_id, idx, sid, part, part_pos)
@@ -597,6 +642,7 @@ class _Pool:
         index = ClusterIndex.build(d, manifest.con, k, n, rows(), pos_dtype=index_dtype(src.n))
         dpos = pr = None  # noqa: F841  (4 bytes a sample each)
         src.forget_pos_of_rank()
+        src.release()
         return index
 
     def clustering(self, stage: Stage, spec, manifest, cache) -> tuple[dict, str]:
@@ -643,6 +689,7 @@ class _Pool:
         finally:
             for w in out.values():
                 w.path.unlink(missing_ok=True)
+        src.release()
         return cache.get(key), "computed"
 
 
@@ -667,8 +714,6 @@ class _StagedDecisions:
 
     def drain(self, manifest):
         """(decisions, positions) in position order, WRITE_CHUNK rows at a time; the files go."""
-        import shutil
-
         import pyarrow.parquet as pq
 
         if self.writer is None:
