@@ -14,7 +14,7 @@ Synthesises a DataComp-layout pool (parquet + npz; the L/14 embedding size is th
 
 Peak RSS is the prune process's `ru_maxrss` (RUSAGE_CHILDREN after it exits: the largest single
 process, i.e. the prune itself; its fastText workers are smaller). It counts DuckDB's buffer
-pool, capped by CURATE_DUCKDB_MEMORY (default 512MB). Each recipe runs twice: the first run
+pool, which a prune holds to CURATE_DUCKDB_WORKING_MEMORY (default 128MB). Each recipe runs twice: the first run
 computes the pool clustering and SemDeDup's similarities, the second (`rerun`) finds them in the
 workspace cache, as a rerun with a new eps or budget does. Pools and workspaces are kept under
 --root so later invocations reuse them.
