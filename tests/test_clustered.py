@@ -176,3 +176,36 @@ def test_runner_cluster_index_path_equals_the_frame_path(tmp_path):
     assert a.equals(b)
     assert (a.filter(~pl.col("keep"))["ref_uid"].is_not_null()).all()
     assert np.array_equal(src.rank, (uids.rank("ordinal") - 1).to_numpy())
+
+
+def test_runner_dbp_keep_score_reads_the_spine_scores(tmp_path):
+    """keep = "score" through the runner: each cluster keeps its quota of highest-scored
+    samples (scores from the manifest's `scores` table via the spine), value = the score."""
+    from conftest import run_cli, run_json
+    from curate.manifest import Manifest
+
+    pool, ws = tmp_path / "pool", tmp_path / "ws"
+    run_cli("synth", pool, "--layout", "datacomp", "--n", "5000", "--seed", "6", "--shard-size", "2000",
+            "--clusters", "40")
+    run_json("ingest", pool, "-w", ws)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\n[[stages]]\nstage = "dbp"\nscorer = "datacomp-l14"\nk = 25\nkeep = "score"\n'
+                      'score = "datacomp-b32"\n')
+    out = run_json("prune", "-w", ws, "-p", recipe, "--budget", "1200")
+    assert out["kept"] == 1200
+    m = Manifest(ws / "manifest.duckdb", read_only=True)
+    try:
+        d = m.frame("SELECT d.uid, d.keep, d.value, d.threshold, d.detail, s.score FROM decisions d "
+                    "JOIN scores s ON s.uid = d.uid AND s.scorer = 'datacomp-b32' WHERE d.run_id = ?",
+                    [out["run_id"]])
+    finally:
+        m.close()
+    assert d.height == 5000 and d["value"].equals(d["score"], check_names=False)
+    per = d.group_by("detail").agg(
+        pl.col("score").filter(pl.col("keep")).min().alias("lo_kept"),
+        pl.col("score").filter(~pl.col("keep")).max().alias("hi_dropped"),
+        pl.col("keep").sum().alias("kept"), pl.col("threshold").first().alias("thr"))
+    both = per.drop_nulls(["lo_kept", "hi_dropped"])
+    assert both.height > 5 and (both["lo_kept"] >= both["hi_dropped"]).all()
+    kept = per.filter(pl.col("kept") > 0)
+    assert (kept["thr"] == kept["lo_kept"]).all()  # the cluster's boundary is its lowest kept score
