@@ -209,3 +209,41 @@ def test_runner_dbp_keep_score_reads_the_spine_scores(tmp_path):
     assert both.height > 5 and (both["lo_kept"] >= both["hi_dropped"]).all()
     kept = per.filter(pl.col("kept") > 0)
     assert (kept["thr"] == kept["lo_kept"]).all()  # the cluster's boundary is its lowest kept score
+
+
+def test_runner_exact_dedup_through_duckdb_matches_a_plain_reference(tmp_path):
+    """exact_dedup in `curate prune`: condensed batches streamed to Parquet, grouped by DuckDB.
+    Its decisions must equal a plain polars reference: keys in order among the survivors, the
+    earliest (shard_id, row_idx) copy of each group stays, the others name it."""
+    from conftest import run_cli, run_json
+    from curate.manifest import Manifest
+    from curate.stages.dedup_exact import normalise_urls
+
+    pool, ws = tmp_path / "pool", tmp_path / "ws"
+    run_cli("synth", pool, "--layout", "datacomp", "--n", "6000", "--seed", "11", "--shard-size", "2500",
+            "--clusters", "30")
+    run_json("ingest", pool, "-w", ws)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\n[[stages]]\nstage = "exact_dedup"\nkeys = ["sha256", "url"]\n')
+    out = run_json("prune", "-w", ws, "-p", recipe)
+    m = Manifest(ws / "manifest.duckdb", read_only=True)
+    try:
+        d = m.frame("SELECT uid, keep, reason, value, ref_uid FROM decisions WHERE run_id = ?", [out["run_id"]])
+        s = m.frame("SELECT uid, sha256, url, shard_id, row_idx FROM samples WHERE status = 'ok' "
+                    "ORDER BY shard_id, row_idx")
+    finally:
+        m.close()
+    s = s.with_columns(pl.col("sha256").str.strip_chars().str.to_lowercase().replace("", None),
+                       normalise_urls(s["url"]).alias("url"))
+    alive = pl.Series([True] * s.height)
+    want = {}
+    for key in ("sha256", "url"):
+        f = s.with_row_index("i").filter(alive & pl.col(key).is_not_null())
+        g = f.group_by(key).agg(pl.col("i").first().alias("first"), pl.len().alias("size"))
+        f = f.join(g, on=key).filter(pl.col("i") != pl.col("first"))
+        for i, first, size in f.select("i", "first", "size").iter_rows():
+            want[s["uid"][i]] = (f"duplicate_{key}", float(size), s["uid"][first])
+        alive = alive.scatter(f["i"].to_list(), False) if f.height else alive
+    got = {u: (r, v, ref) for u, k, r, v, ref in d.iter_rows() if not k}
+    assert d.height == s.height and len(want) > 20
+    assert got == want

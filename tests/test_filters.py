@@ -570,3 +570,23 @@ def test_registry_params_and_empty_frames(tmp_path):
         json.dumps(st.params())
         dec = run(st, empty).decisions
         assert dec.height == 0 and dec.columns == ["uid", "keep", "reason", "value", "threshold", "ref_uid", "detail"]
+
+
+def test_language_memo_can_be_turned_off_for_a_last_stage():
+    """The runner turns the language memo off for the last language-aware stage of a recipe:
+    identify(memo=True) then remembers nothing (and gives the same answers)."""
+    from curate.stages import langid
+
+    s = pl.Series(["the cat sat on the mat", "le chat est sur le tapis", "der Hund schläft"])
+    langid.clear_memo()
+    try:
+        langid.use_memo(False)
+        off = langid.identify(s, processes=1, memo=True)
+        assert not langid._MEMO
+        langid.use_memo(True)
+        on = langid.identify(s, processes=1, memo=True)
+        assert sum(m.height for m in langid._MEMO.values()) == 3
+        assert off.equals(on) and off["lang"].to_list()[:2] == ["en", "fr"]
+    finally:
+        langid.use_memo(True)
+        langid.clear_memo()

@@ -454,7 +454,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
     cache = ArrayCache(ws.root / "cache")
     if record:  # the writer lock is ours: nothing else is writing these
         cache.clear_partials()
-        for d in (ws.root / "tmp").glob("decisions-*"):
+        for d in [*(ws.root / "tmp").glob("decisions-*"), *(ws.root / "tmp").glob("keyed-*")]:
             shutil.rmtree(d, ignore_errors=True)
     alive = np.ones(n_pool, dtype=bool)
     n_alive = n_pool
@@ -475,20 +475,32 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                     raise UsageError(f"stage {sid} needs a budget: pass --budget N or 0.F")
                 if b > n_alive:
                     warnings.append(f"budget {b:,} exceeds the {n_alive:,} samples that reach {sid}; all are kept")
+            if stage.remembers_languages:
+                from ..stages import langid
+
+                # remember captions' languages only for a later stage that will ask again
+                langid.use_memo(any(st.remembers_languages for _, st in stages[idx + 1:]))
             over_pool = stage._apply_to == "pool"
             # clustering stages over the survivors read them cluster by cluster from the pool's
             # cluster index: no per-sample arrays, decisions in cluster order (staged, below)
             clustered = not over_pool and hasattr(stage, "run_clustered")
+            keyed = hasattr(stage, "run_keyed")
             if clustered:
                 run = _apply_clustered(sid, stage, src, alive, n_alive, manifest, recipe.seed, b, cache,
                                        clustering_pool)
+            elif keyed:
+                pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(index_dtype(n_pool),
+                                                                                        copy=False)
+                run = _apply_keyed(sid, stage, src, pos, manifest, ws.root / "tmp" / f"keyed-{run_id}-{idx}")
+                del pos
             else:
                 pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(index_dtype(n_pool),
                                                                                         copy=False)
                 run = _apply(sid, stage, src, pos, manifest, recipe.seed, b, cache,
                              None if over_pool else clustering_pool)
                 del pos
-            staged = _StagedDecisions(ws.root / "tmp" / f"decisions-{run_id}-{idx}") if clustered and record else None
+            staged = (_StagedDecisions(ws.root / "tmp" / f"decisions-{run_id}-{idx}")
+                      if (clustered or keyed) and record else None)
             # Decisions arrive in chunks (one per partition for row stages): each is recorded at
             # once, so a row stage never holds the decisions of the whole pool.
             reasons: dict = {}
@@ -534,6 +546,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 from ..stages import langid
 
                 langid.clear_memo()  # up to MEMO_MAX captions nobody will ask about again
+                langid.use_memo(True)
             n_alive = n_kept
             src.forget_pos_of_rank()
             bar.advance(task)
@@ -761,18 +774,57 @@ def _apply_clustered(sid: str, stage: Stage, src: PoolSource, alive: np.ndarray,
             params={"key": ident, "pool_clustering": pool.clustering_key(spec)})
         res = stage.run_clustered(cin, budget, spec.seed, cache)
         run.stats, run.artefacts = res.stats, res.artefacts
-        seen = BitSet(src.n)
-        uid_type = pl.Series(src.rank[:0]).dtype
-        for dec in res.decision_chunks():
-            if POS not in dec.columns:
-                raise CurateError(f"stage {sid} returned clustered decisions without {POS}")
-            p = dec[POS].to_numpy()
-            if len(p) and (p.min() < 0 or p.max() >= src.n or not wanted[p].all() or seen[p].any()
-                           or len(np.unique(p)) != len(p)):
-                raise CurateError(f"stage {sid} returned decisions for samples it was not given, or twice")
-            seen.add(p)
-            dec = dec.with_columns(pl.col(REF_POS).fill_null(-1).alias("_ref_pos")) if REF_POS in dec.columns else dec
-            yield _normalise_decisions(sid, uid_type, dec, ("_ref_pos",)), p
+        yield from _positioned(sid, src, wanted, res.decision_chunks())
+    return _StageRun(chunks)
+
+
+def _positioned(sid: str, src: PoolSource, wanted, chunks):
+    """Check decision chunks that name their rows (`POS`, any order): each a sample the stage was
+    given (`wanted[pos]`), none twice; yield (normalised decisions with `_ref_pos`, positions)."""
+    seen = BitSet(src.n)
+    uid_type = pl.Series(src.rank[:0]).dtype
+    for dec in chunks:
+        if POS not in dec.columns:
+            raise CurateError(f"stage {sid} returned decisions without {POS}")
+        p = dec[POS].to_numpy()
+        if len(p) and (p.min() < 0 or p.max() >= src.n or not wanted[p].all() or seen[p].any()
+                       or len(np.unique(p)) != len(p)):
+            raise CurateError(f"stage {sid} returned decisions for samples it was not given, or twice")
+        seen.add(p)
+        dec = dec.with_columns(pl.col(REF_POS).fill_null(-1).alias("_ref_pos")) if REF_POS in dec.columns else dec
+        yield _normalise_decisions(sid, uid_type, dec, ("_ref_pos",)), p
+
+
+def _apply_keyed(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, directory: Path) -> "_StageRun":
+    """Run a grouping stage (`run_keyed`) over the samples at `pos`: its condensed batches are
+    streamed into a Parquet file that DuckDB then queries (`curate.keyed.KeyedTable`), so the
+    stage's whole input is never held in memory."""
+    import pyarrow.parquet as pq
+
+    from ..keyed import KeyedTable
+
+    def chunks(run):
+        want = stage_wants(stage)
+        path = directory / "input.parquet"
+        writer = None
+        try:
+            for bpos, batch in src.frames(pos, want):
+                t = stage.condense(batch).with_columns(pl.Series(POS, bpos.astype(np.int64))).to_arrow()
+                if writer is None:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    writer = pq.ParquetWriter(path, t.schema)
+                writer.write_table(t.cast(writer.schema))
+            if writer is None:  # no rows
+                run.stats = {"n_in": 0, "n_kept": 0}
+                return
+            writer.close()
+            res = stage.run_keyed(KeyedTable(manifest.con, f"read_parquet('{path}')", len(pos)))
+            run.stats, run.artefacts = res.stats, res.artefacts
+            wanted = BitSet(src.n)
+            wanted.add(pos)
+            yield from _positioned(sid, src, wanted, res.decision_chunks())
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
     return _StageRun(chunks)
 
 

@@ -27,7 +27,9 @@ the copy that stayed for that key, value = the size of the group.
 other keys are compared through 128-bit hashes of their normalised values (two 64-bit polars
 hashes with different seeds), which `condense` computes batch by batch, so the URLs and captions
 of a whole pool are never held at once; two distinct values among n collide with odds about
-n²/2^129 (~1e-25 at 10M rows), which is negligible.
+n²/2^129 (~1e-25 at 10M rows), which is negligible. The groups are found by DuckDB over the
+condensed rows (`run_keyed` over a `curate.keyed.KeyedTable`: the prune runner's Parquet file of
+the streamed batches, or the frame itself on a private connection).
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
+from ..clustered import POS as CPOS
+from ..clustered import REF_POS as CREF
+from ..clustered import in_input_order
 from ..errors import UsageError
-from .base import (DECISION_COLUMNS, REF_ROW, Stage, StageInput, StageResult, decisions_frame, in_chunks,
-                   index_dtype, register_stage)
+from ..keyed import POS, KeyedTable
+from .base import DECISION_CHUNK, DECISION_COLUMNS, REF_ROW, Stage, StageInput, StageResult, decisions_frame, register_stage
 
 KEYS = ("uid", "sha256", "url", "sha256_caption")
 POLICIES = ("first", "highest_score", "largest_image")
@@ -181,16 +186,6 @@ def lexsort_keys(s: pl.Series, descending: bool = False) -> list[np.ndarray]:
     return keys
 
 
-def _lex_sorted(keys: Sequence[np.ndarray]) -> bool:
-    """Whether rows are already in np.lexsort order of keys (most significant last)."""
-    before = np.zeros(max(len(keys[0]) - 1, 0), dtype=bool)  # row i < row i + 1 on a more significant key
-    tied = ~before
-    for k in reversed(keys):
-        before |= tied & (k[:-1] < k[1:])
-        tied &= k[:-1] == k[1:]
-    return bool(np.all(before | tied))
-
-
 def _where(mask: np.ndarray, values: pl.Series) -> pl.Series:
     """values where mask holds, null elsewhere (same dtype)."""
     return pl.select(pl.when(pl.lit(pl.Series(mask))).then(pl.lit(values))).to_series().alias(values.name)
@@ -257,87 +252,85 @@ class ExactDedup(Stage):
         hashes = [h for key in self._hashed_keys() for h in hash128(normalised_key(frame, key), hash_columns(key))]
         return frame.select(carried).with_columns(hashes)
 
-    def _priority_order(self, df: pl.DataFrame) -> np.ndarray | None:
-        """Row positions, the copy that should stay first: by policy, then (shard_id, row_idx), then
-        input order; None when that is input order."""
-        by: list[tuple[pl.Series, bool]] = []  # most significant first
+    def _priority(self, cols: list[str]) -> str:
+        """SQL for the key DuckDB's arg_min takes as "the copy that stays first": the policy's
+        values (descending, nulls last), then (shard_id, row_idx), then input order (`_pos`)."""
+        parts: list[str] = []
         if self.policy == "highest_score":
             col = f"score__{self.score}"
-            if col not in df.columns:
+            if col not in cols:
                 raise UsageError(f"exact_dedup: policy 'highest_score' needs column {col!r}")
-            by.append((df[col].cast(pl.Float64).fill_nan(None), True))
+            parts.append(f"coalesce(-(CASE WHEN isnan(\"{col}\") THEN NULL ELSE \"{col}\" END)::DOUBLE, 'inf'::DOUBLE)")
         elif self.policy == "largest_image":
-            for c in ("width", "height"):
-                if c not in df.columns:
-                    raise UsageError("exact_dedup: policy 'largest_image' needs width and height columns")
-            by.append((df["width"].cast(pl.Int64) * df["height"].cast(pl.Int64), True))
-            if "image_bytes" in df.columns:
-                by.append((df["image_bytes"].cast(pl.Int64), True))
-        by += [(df[c], False) for c in ("shard_id", "row_idx") if c in df.columns]
-        keys = [k for s, desc in reversed(by) for k in lexsort_keys(s, desc)]
-        if not keys or _lex_sorted(keys):  # the runner's rows come in (shard_id, row_idx) order
-            return None
-        return np.lexsort(keys)  # stable: input order last
-
-    def _codes(self, df: pl.DataFrame, key: str) -> tuple[list[np.ndarray], np.ndarray]:
-        """(integer arrays that are equal exactly when the key is, mask of rows whose key may match)."""
-        if key == "uid":
-            uid = df["uid"]
-            valid = uid.is_not_null()
-            if uid.dtype == pl.Utf8:
-                valid &= uid != ""
-            codes = uid if uid.dtype.is_integer() else uid.rank("dense")
-            return [codes.fill_null(0).to_numpy()], valid.to_numpy()
-        h = [df[c] for c in hash_columns(key)]
-        h = [c.fill_null(0) if c.null_count() else c for c in h]
-        return [h[0].to_numpy(), *h[1:]], df[hash_columns(key)[0]].is_not_null().to_numpy()
+            if not {"width", "height"} <= set(cols):
+                raise UsageError("exact_dedup: policy 'largest_image' needs width and height columns")
+            parts.append("coalesce(-(width::BIGINT * height::BIGINT)::DOUBLE, 'inf'::DOUBLE)")
+            if "image_bytes" in cols:
+                parts.append("coalesce(-(image_bytes::BIGINT)::DOUBLE, 'inf'::DOUBLE)")
+        parts += [f"coalesce({c}::BIGINT, 9223372036854775807)" for c in ("shard_id", "row_idx") if c in cols]
+        parts.append(POS)
+        return "{" + ", ".join(f"'k{i}': {p}" for i, p in enumerate(parts)) + "}"
 
     def apply(self, inp: StageInput) -> StageResult:
         df = self.condense(inp.frame)
         n = df.height
-        order = self._priority_order(df)
-        alive = np.ones(n, dtype=bool)
-        reason = np.zeros(n, dtype=np.int8)  # index into self.keys, for dropped rows
-        idx_t = index_dtype(n)
-        ref = np.zeros(n, dtype=idx_t)  # the copy that stayed, for dropped rows
-        size = np.zeros(n, dtype=idx_t)  # its group's size, for dropped rows
+        if n == 0:
+            return StageResult(decisions_frame(df["uid"], pl.Series([], dtype=pl.Boolean)), {}, {"n_in": 0, "n_kept": 0})
+        res = self.run_keyed(KeyedTable.of_frame(df))
+        return StageResult(in_input_order(res.decision_chunks(), n, REF_ROW), res.artefacts, res.stats)
+
+    def run_keyed(self, kt: KeyedTable) -> StageResult:
+        """Each key in turn among the rows earlier keys kept: DuckDB groups the candidates by the
+        key (a hash aggregate: it spills rather than growing), keeps each group's first copy by
+        the policy and records the others; then decisions for every row in input order, a chunk
+        at a time, with `POS` and the kept copy's `REF_POS`."""
+        con, src, n = kt.con, kt.source, kt.n
+        cols = kt.columns
+        prio = self._priority(cols)
+        dropped = "_curate_exact_dropped"
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {dropped} (_pos BIGINT, k TINYINT, ref BIGINT, size BIGINT)")
         stats = {"n_in": n}
         for i, key in enumerate(self.keys):
-            codes, valid = self._codes(df, key)
-            cand = alive & valid
-            rows = np.flatnonzero(cand) if order is None else order[cand[order]]  # candidates, best first
-            del cand, valid
-            if len(rows) == 0:
-                stats[f"dropped_{key}"] = 0
-                continue
-            # stable: within a group rows stay best first, so each group's first copy stays
-            whole = order is None and len(rows) == n  # rows is 0..n-1: no gathered copy of the codes
-            perm, start = group_runs(codes, None if whole else rows, stable=True)
-            del codes
-            dup = np.flatnonzero(~start)
-            # the group's first row, for each duplicate: the last start at or before it
-            first_at = np.maximum.accumulate(np.where(start, np.arange(len(start), dtype=idx_t), 0))[dup]
-            del start
-            new = np.ones(len(first_at), dtype=bool)
-            new[1:] = first_at[1:] != first_at[:-1]
-            run = np.cumsum(new) - 1
-            dropped = rows[perm[dup]]
-            alive[dropped] = False
-            reason[dropped] = i
-            ref[dropped] = rows[perm[first_at]]
-            size[dropped] = np.bincount(run)[run] + 1
-            stats[f"dropped_{key}"] = len(dropped)
-            del perm, dup, first_at, new, run, dropped, rows
-        stats["n_kept"] = int(alive.sum())
-        uid = df["uid"]
-        del df
+            if key == "uid":
+                by = ["uid"]
+                text = str(con.sql(f"SELECT uid FROM {src} LIMIT 0").types[0]) == "VARCHAR"
+                valid = "uid IS NOT NULL" + (" AND uid <> ''" if text else "")
+            else:
+                by = list(hash_columns(key))
+                missing = [c for c in by if c not in cols]
+                if missing:
+                    raise UsageError(f"exact_dedup: key {key!r} needs column(s) {missing}")
+                valid = f"{by[0]} IS NOT NULL"
+            keys = ", ".join(by)
+            before = con.execute(f"SELECT count(*) FROM {dropped}").fetchall()[0][0]
+            con.execute(
+                f"INSERT INTO {dropped} "
+                f"WITH c AS (SELECT {keys}, {POS}, {prio} AS _prio FROM {src} WHERE {valid} "
+                f"           AND {POS} NOT IN (SELECT _pos FROM {dropped})), "
+                f"     g AS (SELECT {keys}, arg_min({POS}, _prio) AS ref, count(*) AS size FROM c "
+                f"           GROUP BY {keys} HAVING count(*) > 1) "
+                f"SELECT c.{POS}, {i}, g.ref, g.size FROM c JOIN g USING ({keys}) WHERE c.{POS} <> g.ref")
+            stats[f"dropped_{key}"] = int(con.execute(f"SELECT count(*) FROM {dropped}").fetchall()[0][0] - before)
+        stats["n_kept"] = n - sum(stats[f"dropped_{k}"] for k in self.keys)
         names = pl.Series("reason", [f"duplicate_{k}" for k in self.keys], dtype=DECISION_COLUMNS["reason"])
 
-        def build(s: int, e: int) -> pl.DataFrame:
-            gone = ~alive[s:e]
-            return decisions_frame(uid.slice(s, e - s), pl.Series(alive[s:e]),
-                                   reason=_where(gone, names.gather(reason[s:e])),
-                                   value=_where(gone, pl.Series("value", size[s:e], dtype=pl.Float64)),
-                                   ref_uid=_where(gone, uid.gather(ref[s:e])).alias("ref_uid"),
-                                   ).with_columns(_where(gone, pl.Series(REF_ROW, ref[s:e], dtype=pl.Int64)))
-        return StageResult(None, {}, stats, chunks=in_chunks(n, build))
+        # the kept copies' uids, looked up for the dropped rows only (a small build side)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {dropped}_ref AS SELECT d.*, r.uid AS ref_uid FROM {dropped} d "
+                    f"JOIN {src} r ON r.{POS} = d.ref")
+
+        def chunks():
+            reader = con.sql(
+                f"SELECT t.{POS}, t.uid, d.k, d.ref, d.size, d.ref_uid FROM {src} t "
+                f"LEFT JOIN {dropped}_ref d ON d._pos = t.{POS} ORDER BY t.{POS}").to_arrow_reader(DECISION_CHUNK)
+            try:
+                for rb in reader:
+                    f = pl.from_arrow(rb)
+                    gone = f["k"].is_not_null().to_numpy()
+                    yield decisions_frame(
+                        f["uid"], pl.Series(~gone),
+                        reason=_where(gone, names.gather(f["k"].fill_null(0).cast(pl.UInt32))),
+                        value=f["size"].cast(pl.Float64), ref_uid=f["ref_uid"].alias("ref_uid"),
+                    ).with_columns(f[POS].cast(pl.Int64).alias(CPOS), f["ref"].cast(pl.Int64).alias(CREF))
+            finally:
+                con.execute(f"DROP TABLE IF EXISTS {dropped}; DROP TABLE IF EXISTS {dropped}_ref")
+        return StageResult(None, {}, stats, chunks=chunks)

@@ -20,7 +20,8 @@ from the front, so the workers' start-up (~0.3 s) overlaps with useful work inst
 Stages that identify languages (`basic`, `laion2b`, `caption_quality`) pass `memo=True`: the
 results are remembered per model file for the life of the process (the most recent
 `MEMO_MAX` distinct captions), so a recipe with several language-aware stages identifies each
-distinct caption once per run, not once per stage.
+distinct caption once per run, not once per stage. The prune runner turns remembering off
+(`use_memo`) for the last such stage of a recipe, whose languages nobody asks for again.
 
 `map_distinct` is the generic piece (distinct → parallel chunks → join back); caption stages reuse
 it for the CLIP BPE token count.
@@ -247,9 +248,19 @@ def _memo_key(path: str) -> tuple:
     return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
+_MEMO_ON = [True]
+
+
 def clear_memo() -> None:
     """Forget every remembered language (see `identify(memo=True)`)."""
     _MEMO.clear()
+
+
+def use_memo(on: bool) -> None:
+    """Whether `identify(memo=True)` remembers anything (default on). A runner turns it off for a
+    stage that no later stage will share languages with: remembering up to `MEMO_MAX` captions
+    nobody asks about again costs hundreds of MB on a large pool."""
+    _MEMO_ON[0] = bool(on)
 
 
 def _identify_distinct(uniq: pl.Series, path: str, processes: int | None, parallel_min: int) -> pl.DataFrame:
@@ -278,6 +289,7 @@ def identify(texts: pl.Series | Sequence[str], *, model_path: str | None = None,
     if len(texts) == 0:
         return pl.DataFrame({LANG: [], LANG_CONF: []}, schema={LANG: pl.Utf8, LANG_CONF: pl.Float64})
     s = texts.cast(pl.Utf8).fill_null("").alias("_t")
+    memo = memo and _MEMO_ON[0]
     key = _memo_key(path) if memo else None
     known = _MEMO.get(key) if memo else None
     if known is None and len(s) > parallel_min:
