@@ -321,9 +321,14 @@ class PoolSource:
         return pl.DataFrame(cols)
 
     def frames(self, pos: np.ndarray, want: "Wants"):
-        """(positions, frame) batches covering `pos`: `base` columns beside the streamed columns."""
-        wanted = np.zeros(self.n, dtype=bool)
-        wanted[pos] = True
+        """(positions, frame) batches covering `pos` (positions, or a boolean mask over the pool
+        read as the batches come: it may lose positions already yielded): `base` columns beside
+        the streamed columns."""
+        if pos.dtype == bool:
+            wanted = pos
+        else:
+            wanted = np.zeros(self.n, dtype=bool)
+            wanted[pos] = True
         for bpos, batch in self.stream(wanted, want.columns):
             yield bpos, pl.concat([self.base(bpos, want), batch], how="horizontal")
 
@@ -337,6 +342,7 @@ class PoolSource:
             for i, rb in enumerate(reader):
                 if i % TRIM_EVERY == TRIM_EVERY - 1:
                     self.m.trim()  # a one-pass scan gains nothing from the blocks DuckDB keeps
+                    self.release()
                 rid = rb.column(0).to_numpy()
                 if len(rid) and int(rid.max()) >= len(self.pos_of_rid):
                     raise CurateError("the samples table changed during the run")
@@ -488,11 +494,14 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
             if clustered:
                 run = _apply_clustered(sid, stage, src, alive, n_alive, manifest, recipe.seed, b, cache,
                                        clustering_pool)
-            elif keyed:
-                pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(index_dtype(n_pool),
-                                                                                        copy=False)
-                run = _apply_keyed(sid, stage, src, pos, manifest, ws.root / "tmp" / f"keyed-{run_id}-{idx}")
-                del pos
+            elif keyed or (stage.scope == "row" and not stage.needs_embeddings()):
+                # streamed a batch at a time: a mask of the input, not a list of positions (a
+                # position is read once, so the drops recorded meanwhile never hide one unread)
+                mask = np.ones(n_pool, dtype=bool) if over_pool else alive
+                run = (_apply_keyed(sid, stage, src, mask, n_pool if over_pool else n_alive, manifest,
+                                    ws.root / "tmp" / f"keyed-{run_id}-{idx}") if keyed
+                       else _apply(sid, stage, src, mask, manifest, recipe.seed, b, cache))
+                del mask
             else:
                 pos = (np.arange(n_pool) if over_pool else np.flatnonzero(alive)).astype(index_dtype(n_pool),
                                                                                         copy=False)
@@ -795,7 +804,8 @@ def _positioned(sid: str, src: PoolSource, wanted, chunks):
         yield _normalise_decisions(sid, uid_type, dec, ("_ref_pos",)), p
 
 
-def _apply_keyed(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, directory: Path) -> "_StageRun":
+def _apply_keyed(sid: str, stage: Stage, src: PoolSource, mask: np.ndarray, n_in: int, manifest,
+                 directory: Path) -> "_StageRun":
     """Run a grouping stage (`run_keyed`) over the samples at `pos`: its condensed batches are
     streamed into a Parquet file that DuckDB then queries (`curate.keyed.KeyedTable`), so the
     stage's whole input is never held in memory."""
@@ -808,7 +818,9 @@ def _apply_keyed(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manif
         path = directory / "input.parquet"
         writer = None
         try:
-            for bpos, batch in src.frames(pos, want):
+            wanted = BitSet(src.n)
+            for bpos, batch in src.frames(mask, want):
+                wanted.add(bpos)
                 t = stage.condense(batch).with_columns(pl.Series(POS, bpos.astype(np.int64))).to_arrow()
                 if writer is None:
                     directory.mkdir(parents=True, exist_ok=True)
@@ -818,10 +830,10 @@ def _apply_keyed(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manif
                 run.stats = {"n_in": 0, "n_kept": 0}
                 return
             writer.close()
-            res = stage.run_keyed(KeyedTable(manifest.con, f"read_parquet('{path}')", len(pos)))
+            if wanted.count() != n_in:
+                raise CurateError(f"stage {sid}: read {wanted.count()} of its {n_in} samples")
+            res = stage.run_keyed(KeyedTable(manifest.con, f"read_parquet('{path}')", n_in))
             run.stats, run.artefacts = res.stats, res.artefacts
-            wanted = BitSet(src.n)
-            wanted.add(pos)
             yield from _positioned(sid, src, wanted, res.decision_chunks())
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -843,13 +855,16 @@ class _StageRun:
 
 def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, seed: int, budget, cache,
            pool: _Pool | None = None) -> _StageRun:
-    """Run a stage over the samples at `pos`: row stages a partition at a time (bounded memory),
-    others in one call."""
+    """Run a stage over the samples at `pos`: row stages a partition at a time (bounded memory;
+    `pos` may then be a boolean mask over the pool), others in one call."""
     if stage.scope == "row" and not stage.needs_embeddings():
         def row_chunks(run):
             want = stage_wants(stage)
             if want.columns:
                 batches = _gather(src.frames(pos, want), ROW_PARTITION)
+            elif pos.dtype == bool:  # a mask: partitions of the pool, each its set positions
+                parts = (np.flatnonzero(pos[s:s + ROW_PARTITION]) + s for s in range(0, len(pos), ROW_PARTITION))
+                batches = ((p, src.base(p, want)) for p in parts if len(p))
             else:
                 batches = ((pos[s:s + ROW_PARTITION], src.base(pos[s:s + ROW_PARTITION], want))
                            for s in range(0, len(pos), ROW_PARTITION))
