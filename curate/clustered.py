@@ -107,6 +107,8 @@ class ClusteredInput:
         uid = np.asarray(uid)
         n = len(cluster)
         k = int(k if k is not None else (int(cluster.max()) + 1 if n else 0))
+        if n and (int(cluster.min()) < 0 or int(cluster.max()) >= k):
+            raise ValueError(f"cluster ids must be in 0..{k - 1}")
         order = np.lexsort((uid, -dist, cluster))
         bounds = np.zeros(k + 1, dtype=np.int64)
         np.cumsum(np.bincount(cluster, minlength=k)[:k], out=bounds[1:])

@@ -61,6 +61,8 @@ def test_index_lists_what_the_in_memory_listing_lists(tmp_path):
     assert np.array_equal(files.totals()[0], mem.totals()[0])
     assert np.allclose(files.totals()[1], mem.totals()[1])
     assert files.totals()[0][7] == 0
+    with pytest.raises(ValueError, match="cluster ids"):
+        ClusteredInput.from_arrays(cluster, dist, rank, k=5)
 
 
 @pytest.mark.parametrize("stage", [
