@@ -15,6 +15,7 @@ same order, so a stage's results do not depend on which one fed it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from .stages.base import DECISION_COLUMNS, decisions_frame
-from .workspace import atomic_save_npy
+from .workspace import atomic_path, atomic_save_npy
 
 POS = "_pos"
 REF_POS = "_ref_pos"
@@ -52,9 +53,13 @@ class ClusterBatch:
     def __len__(self) -> int:
         return len(self.cluster)
 
+    def starts(self) -> np.ndarray:
+        """Each row's cluster's first row in the batch."""
+        return np.repeat(self.bounds[:-1], np.diff(self.bounds))
+
     def local_rank(self) -> np.ndarray:
         """Each row's place within its cluster (0 = first)."""
-        return (np.arange(len(self)) - np.repeat(self.bounds[:-1], np.diff(self.bounds))).astype(np.int32)
+        return (np.arange(len(self)) - self.starts()).astype(np.int32)
 
     def reordered(self, key: np.ndarray) -> tuple["ClusterBatch", np.ndarray]:
         """(the batch with each cluster's rows sorted by `key` ascending, ties by uid (then the
@@ -86,20 +91,20 @@ class ClusteredInput:
                  read: Callable[[int, int], tuple[np.ndarray, np.ndarray]], uid_of: Callable[[np.ndarray], np.ndarray],
                  uid_series: Callable[[np.ndarray, np.ndarray], pl.Series],
                  embed: Callable[[np.ndarray], np.ndarray] | None, wanted: np.ndarray | None = None,
-                 score_of: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                 identity: str = "", source: str = "", params: dict | None = None):
+                 score_of: Callable[[str, np.ndarray], pl.Series] | None = None,
+                 identity: str = "", source: str = ""):
         self.n, self.k, self.centroids = int(n), int(k), centroids
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self._read, self._uid_of, self._uid_series = read, uid_of, uid_series
         self._embed, self.wanted, self._score_of = embed, wanted, score_of
-        self.identity, self.source, self.params = identity, source, dict(params or {})
+        self.identity, self.source = identity, source
         self._totals: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_arrays(cls, cluster: np.ndarray, dist: np.ndarray, uid: np.ndarray, *, k: int | None = None,
                     centroids: np.ndarray | None = None, uids: pl.Series | None = None,
                     embed: Callable[[np.ndarray], np.ndarray] | None = None,
-                    score_of: Callable[[str, np.ndarray], np.ndarray] | None = None, **kw) -> "ClusteredInput":
+                    score_of: Callable[[str, np.ndarray], pl.Series] | None = None, **kw) -> "ClusteredInput":
         """An in-memory listing of rows 0..n-1 (`pos` = row). `uid` orders like the uids;
         `uids` (the frame's uid column) is what decisions name, `uid` itself when None."""
         cluster = np.asarray(cluster, dtype=np.int32)
@@ -158,7 +163,8 @@ class ClusteredInput:
             raise RuntimeError("this input has no embeddings")
         return self._embed(pos)
 
-    def scores(self, name: str, pos: np.ndarray) -> np.ndarray:
+    def scores(self, name: str, pos: np.ndarray) -> pl.Series:
+        """The `score__<name>` values of these rows."""
         if self._score_of is None:
             raise RuntimeError("this input has no scores")
         return self._score_of(name, pos)
@@ -248,6 +254,21 @@ class NpyWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def npy_writers(dtypes: dict[Path, object], n: int) -> Iterator[list[NpyWriter]]:
+    """`NpyWriter`s of n entries for these paths: all put in place when the block ends, none
+    (their partial files removed) when it raises."""
+    writers = [NpyWriter(path, dt, n) for path, dt in dtypes.items()]
+    try:
+        yield writers
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+
+
 class ClusterIndex:
     """Every clustered sample of a pool, as `ClusteredInput.read` lists them: `pos.npy` (pool
     positions) and `dist.npy` sorted by cluster, then distance descending, then uid rank;
@@ -283,8 +304,7 @@ class ClusterIndex:
                 finally:
                     con.unregister("_curate_chunk")
             sizes = np.zeros(k, dtype=np.int64)
-            wp, wd = NpyWriter(directory / "pos.npy", pos_dtype, n), NpyWriter(directory / "dist.npy", np.float32, n)
-            try:
+            with npy_writers({directory / "pos.npy": pos_dtype, directory / "dist.npy": np.float32}, n) as (wp, wd):
                 for rb in con.sql(f"SELECT c, d, p FROM {table} ORDER BY c, d DESC, t").to_arrow_reader(1 << 20):
                     c = rb.column(0).to_numpy()
                     if len(c) and (c.min() < 0 or c.max() >= k):
@@ -292,18 +312,13 @@ class ClusterIndex:
                     sizes += np.bincount(c, minlength=k)
                     wd.write(rb.column(1).to_numpy())
                     wp.write(rb.column(2).to_numpy())
-                wp.close()
-                wd.close()
-            except BaseException:
-                wp.abort()
-                wd.abort()
-                raise
         finally:
             con.execute(f"DROP TABLE IF EXISTS {table}")
         bounds = np.zeros(k + 1, dtype=np.int64)
         np.cumsum(sizes, out=bounds[1:])
         atomic_save_npy(directory / "bounds.npy", bounds)
-        (directory / "_complete.json").write_text(json.dumps({"arrays": ["bounds", "dist", "pos"], "n": n, "k": k}))
+        with atomic_path(directory / "_complete.json") as tmp:
+            tmp.write_text(json.dumps({"arrays": ["bounds", "dist", "pos"], "n": n, "k": k}))
         return cls(directory)
 
 
@@ -332,10 +347,4 @@ class BitSet:
 
     def count(self) -> int:
         return int(np.unpackbits(self.bits, count=self.n).sum()) if self.n else 0
-
-
-def ref_rows_in(batch_ref_local: np.ndarray, batch: ClusterBatch) -> np.ndarray:
-    """Batch rows of per-row within-cluster indices (-1 stays -1)."""
-    starts = np.repeat(batch.bounds[:-1], np.diff(batch.bounds))
-    return np.where(batch_ref_local >= 0, starts + batch_ref_local, -1)
 

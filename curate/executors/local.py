@@ -23,7 +23,7 @@ import polars as pl
 
 from .. import console
 from ..cluster import StageClustering, compute_clustering, inverse_permutation, short_hash
-from ..clustered import POS, REF_POS, BitSet, ClusteredInput, ClusterIndex, NpyWriter, read_range
+from ..clustered import POS, REF_POS, BitSet, ClusteredInput, ClusterIndex, npy_writers, read_range
 from ..embeddings import ShardEmbeddingView, refs
 from ..errors import CurateError, UsageError
 from ..recipes import Recipe
@@ -40,12 +40,13 @@ class ArrayCache:
     def __init__(self, root: Path):
         self.root = root
 
-    def _dir(self, key: str) -> Path:
+    def dir(self, key: str) -> Path:
+        """The directory of entry `key` (complete once its `_complete.json` exists)."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
         return self.root / safe
 
     def get(self, key: str) -> dict[str, np.ndarray] | None:
-        d = self._dir(key)
+        d = self.dir(key)
         if not (d / "_complete.json").exists():
             return None
         names = json.loads((d / "_complete.json").read_text())["arrays"]
@@ -64,25 +65,18 @@ class ArrayCache:
     def put_stream(self, key: str, dtypes: dict, n: int, parts) -> None:
         """Arrays of n entries written as they are computed: `parts` yields, chunk by chunk, one
         array per name of `dtypes` (in its order); nothing n-sized is held."""
-        d = self._dir(key)
-        writers = [NpyWriter(d / f"{name}.npy", dt, n) for name, dt in dtypes.items()]
-        try:
+        d = self.dir(key)
+        with npy_writers({d / f"{name}.npy": dt for name, dt in dtypes.items()}, n) as writers:
             for chunk in parts:
                 for w, a in zip(writers, chunk):
                     w.write(a)
-            for w in writers:
-                w.close()
-        except BaseException:
-            for w in writers:
-                w.abort()
-            raise
         with atomic_path(d / "_complete.json") as tmp:
             tmp.write_text(json.dumps({"arrays": sorted(dtypes)}))
 
     def put(self, key: str, arrays: dict) -> None:
         """Arrays, or callables that return one (called one at a time, so big arrays built for
         the cache need not all exist at once)."""
-        d = self._dir(key)
+        d = self.dir(key)
         d.mkdir(parents=True, exist_ok=True)
         for n, a in arrays.items():
             atomic_save_npy(d / f"{n}.npy", np.asarray(a() if callable(a) else a))
@@ -481,11 +475,12 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                     raise UsageError(f"stage {sid} needs a budget: pass --budget N or 0.F")
                 if b > n_alive:
                     warnings.append(f"budget {b:,} exceeds the {n_alive:,} samples that reach {sid}; all are kept")
+            # remember captions' languages only for a later stage that will ask again
+            languages_later = any(st.remembers_languages for _, st in stages[idx + 1:])
             if stage.remembers_languages:
                 from ..stages import langid
 
-                # remember captions' languages only for a later stage that will ask again
-                langid.use_memo(any(st.remembers_languages for _, st in stages[idx + 1:]))
+                langid.use_memo(languages_later)
             over_pool = stage._apply_to == "pool"
             # clustering stages over the survivors read them cluster by cluster from the pool's
             # cluster index: no per-sample arrays, decisions in cluster order (staged, below)
@@ -528,7 +523,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                     staged.add(dec, dec_pos)
                 elif record:
                     _record_decisions(manifest, src, run_id, idx, sid, dec, dec_pos)
-                # later chunks never hold these positions, and `pos` was taken before the stage
+                # later chunks never hold these positions, and streamed stages have read them
                 alive[dec_pos[~keep]] = False
                 del dec, dec_pos, keep
             src.release()
@@ -551,7 +546,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                     [run_id, idx, sid, out.n_in, out.n_kept, out.n_in - out.n_kept, seconds,
                      json.dumps({"stage": stage.name, "params": stage.params(), "stats": stats}, default=str)])
                 _save_artefacts(run_dir, sid, artefacts)
-            if stage.remembers_languages and not any(st.remembers_languages for _, st in stages[idx + 1:]):
+            if stage.remembers_languages and not languages_later:
                 from ..stages import langid
 
                 langid.clear_memo()  # up to MEMO_MAX captions nobody will ask about again
@@ -646,10 +641,10 @@ class _Pool:
         src = self.src
         key = self.clustering_key(spec)
         layout = short_hash(src.rank, src.err_pos)
-        d = cache._dir(f"clusteridx-{spec.key()}-{self.fingerprint()}-{layout}")
+        d = cache.dir(f"clusteridx-{spec.key()}-{self.fingerprint()}-{layout}")
         if ClusterIndex.complete(d):
             return ClusterIndex(d)
-        files = cache._dir(key)
+        files = cache.dir(key)
         n = len(np.load(files / "cluster.npy", mmap_mode="r"))
         k = int(np.load(files / "centroids.npy", mmap_mode="r").shape[0])
         pr = src.pos_of_rank
@@ -681,38 +676,56 @@ class _Pool:
         del pos
         # the assignments stream to files in view order, then each array in turn is put in pool
         # order: 4 bytes a sample at a time, never the whole result twice
-        d = cache._dir(key)
+        d = cache.dir(key)
         n = view.n
-        out = {"cluster": NpyWriter(d / ".cluster.view.npy", np.int32, n),
-               "dist": NpyWriter(d / ".dist.view.npy", np.float32, n)}
-        try:
+        views = {"cluster": (d / ".cluster.view.npy", np.int32), "dist": (d / ".dist.view.npy", np.float32)}
+        with npy_writers(dict(views.values()), n) as (wc, wd):
             def sink(start, ids, dist):
-                out["cluster"].write(ids)
-                out["dist"].write(dist)
+                wc.write(ids)
+                wd.write(dist)
             res = compute_clustering(view, spec, row, device=getattr(stage, "device", "auto"), sink=sink)
-            for w in out.values():
-                w.close()
-        except BaseException:
-            for w in out.values():
-                w.abort()
-            raise
         del view
 
         def in_pool_order(name: str):
             def build() -> np.ndarray:
-                a = np.empty(n, dtype=out[name].dtype)
+                path, dtype = views[name]
+                a = np.empty(n, dtype=dtype)
                 for s in range(0, n, 1 << 20):
-                    a[row[s:s + (1 << 20)]] = read_range(out[name].path, s, s + (1 << 20))
+                    a[row[s:s + (1 << 20)]] = read_range(path, s, s + (1 << 20))
                 return a
             return build
         try:
             cache.put(key, {"cluster": in_pool_order("cluster"), "dist": in_pool_order("dist"),
                             "centroids": res.centroids})
         finally:
-            for w in out.values():
-                w.path.unlink(missing_ok=True)
+            for path, _ in views.values():
+                path.unlink(missing_ok=True)
         src.release()
         return cache.get(key), "computed"
+
+
+class _ParquetAppender:
+    """Frames appended to one Parquet file as they come (its schema: the first frame's)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.writer = None
+
+    def add(self, frame: pl.DataFrame) -> None:
+        import pyarrow.parquet as pq
+
+        table = frame.to_arrow()
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def close(self) -> bool:
+        """Finish the file; False when nothing was added (and no file exists)."""
+        if self.writer is None:
+            return False
+        self.writer.close()
+        return True
 
 
 class _StagedDecisions:
@@ -723,26 +736,19 @@ class _StagedDecisions:
 
     def __init__(self, directory: Path):
         self.dir = directory
-        self.writer = None
+        self.file = _ParquetAppender(directory / "staged.parquet")
 
     def add(self, dec: pl.DataFrame, pos: np.ndarray) -> None:
-        import pyarrow.parquet as pq
-
-        table = dec.with_columns(pl.Series("_p", np.asarray(pos, dtype=np.int64))).to_arrow()
-        if self.writer is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.dir / "staged.parquet", table.schema)
-        self.writer.write_table(table.cast(self.writer.schema))
+        self.file.add(dec.with_columns(pl.Series("_p", np.asarray(pos, dtype=np.int64))))
 
     def drain(self, manifest):
         """(decisions, positions) in position order, WRITE_CHUNK rows at a time; the files go."""
         import pyarrow.parquet as pq
 
-        if self.writer is None:
-            return
         try:
-            self.writer.close()
-            src, out = self.dir / "staged.parquet", self.dir / "sorted.parquet"
+            if not self.file.close():
+                return
+            src, out = self.file.path, self.dir / "sorted.parquet"
             manifest.execute(f"COPY (SELECT * FROM read_parquet('{src}') ORDER BY _p) TO '{out}' (FORMAT parquet)")
             src.unlink()
             # no pre-buffering: it keeps every row group it has read until the iteration ends
@@ -779,8 +785,7 @@ def _apply_clustered(sid: str, stage: Stage, src: PoolSource, alive: np.ndarray,
         cin = ClusteredInput(
             n=n_in, k=int(centroids.shape[0]), centroids=centroids, bounds=index.bounds, read=index.read,
             uid_of=lambda p: src.rank[p], uid_series=lambda p, u: pl.Series("uid", u), embed=embed, wanted=wanted,
-            score_of=lambda name, p: src.scores[name].gather(p), identity=ident, source=source,
-            params={"key": ident, "pool_clustering": pool.clustering_key(spec)})
+            score_of=lambda name, p: src.scores[name].gather(p), identity=ident, source=source)
         res = stage.run_clustered(cin, budget, spec.seed, cache)
         run.stats, run.artefacts = res.stats, res.artefacts
         yield from _positioned(sid, src, wanted, res.decision_chunks())
@@ -806,33 +811,25 @@ def _positioned(sid: str, src: PoolSource, wanted, chunks):
 
 def _apply_keyed(sid: str, stage: Stage, src: PoolSource, mask: np.ndarray, n_in: int, manifest,
                  directory: Path) -> "_StageRun":
-    """Run a grouping stage (`run_keyed`) over the samples at `pos`: its condensed batches are
-    streamed into a Parquet file that DuckDB then queries (`curate.keyed.KeyedTable`), so the
-    stage's whole input is never held in memory."""
-    import pyarrow.parquet as pq
-
+    """Run a grouping stage (`run_keyed`) over the samples where `mask` is set: its condensed
+    batches are streamed into a Parquet file that DuckDB then queries
+    (`curate.keyed.KeyedTable`), so the stage's whole input is never held in memory."""
     from ..keyed import KeyedTable
 
     def chunks(run):
         want = stage_wants(stage)
-        path = directory / "input.parquet"
-        writer = None
+        file = _ParquetAppender(directory / "input.parquet")
         try:
             wanted = BitSet(src.n)
             for bpos, batch in src.frames(mask, want):
                 wanted.add(bpos)
-                t = stage.condense(batch).with_columns(pl.Series(POS, bpos.astype(np.int64))).to_arrow()
-                if writer is None:
-                    directory.mkdir(parents=True, exist_ok=True)
-                    writer = pq.ParquetWriter(path, t.schema)
-                writer.write_table(t.cast(writer.schema))
-            if writer is None:  # no rows
+                file.add(stage.condense(batch).with_columns(pl.Series(POS, bpos.astype(np.int64))))
+            if not file.close():  # no rows
                 run.stats = {"n_in": 0, "n_kept": 0}
                 return
-            writer.close()
             if wanted.count() != n_in:
                 raise CurateError(f"stage {sid}: read {wanted.count()} of its {n_in} samples")
-            res = stage.run_keyed(KeyedTable(manifest.con, f"read_parquet('{path}')", n_in))
+            res = stage.run_keyed(KeyedTable(manifest.con, f"read_parquet('{file.path}')", n_in))
             run.stats, run.artefacts = res.stats, res.artefacts
             yield from _positioned(sid, src, wanted, res.decision_chunks())
         finally:
@@ -855,19 +852,17 @@ class _StageRun:
 
 def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, seed: int, budget, cache,
            pool: _Pool | None = None) -> _StageRun:
-    """Run a stage over the samples at `pos`: row stages a partition at a time (bounded memory;
-    `pos` may then be a boolean mask over the pool), others in one call."""
+    """Run a stage over its samples: a row stage a partition at a time (bounded memory) over
+    those where `pos` (a boolean mask over the pool) is set; others in one call over the
+    positions `pos`."""
     if stage.scope == "row" and not stage.needs_embeddings():
         def row_chunks(run):
             want = stage_wants(stage)
             if want.columns:
                 batches = _gather(src.frames(pos, want), ROW_PARTITION)
-            elif pos.dtype == bool:  # a mask: partitions of the pool, each its set positions
+            else:  # partitions of the pool, each its set positions
                 parts = (np.flatnonzero(pos[s:s + ROW_PARTITION]) + s for s in range(0, len(pos), ROW_PARTITION))
                 batches = ((p, src.base(p, want)) for p in parts if len(p))
-            else:
-                batches = ((pos[s:s + ROW_PARTITION], src.base(pos[s:s + ROW_PARTITION], want))
-                           for s in range(0, len(pos), ROW_PARTITION))
             for bpos, frame in batches:
                 res = stage.apply(StageInput(frame, {}, seed, budget, cache, pool_key=src.pool_key))
                 yield _positions(sid, src, frame, bpos, res.decisions)

@@ -393,16 +393,17 @@ class DensityBasedPruning(_ClusteredBudgetStage):
                     bt, perm = bt.reordered(-s)
                     key = s[perm]
                     value = np.where(np.isfinite(key), key, np.nan)
-                q = quota[bt.ids]
-                keep = bt.local_rank() < np.repeat(q, np.diff(bt.bounds))
-                cut = np.full(len(bt.ids), np.nan)
+                q, size = quota[bt.ids], np.diff(bt.bounds)
+                keep = bt.local_rank() < np.repeat(q, size)
+                cut = np.full(len(bt.ids), np.nan)  # each cluster's last kept key
                 if key is not None:
                     has = np.flatnonzero(q > 0)
-                    cut[has] = key[bt.bounds[has] + np.minimum(q[has], np.diff(bt.bounds)[has]) - 1]
-                thr = np.repeat(cut, np.diff(bt.bounds))
+                    cut[has] = key[bt.bounds[has] + np.minimum(q[has], size[has]) - 1]
+                # `detail` short on purpose (<= 12 characters are stored inline, no string buffer
+                # per row); the cluster's size, shares and quota are in the `dbp_clusters` artefact
                 yield cin.decisions(bt, keep, reason=reason_where(~keep, "dbp_over_quota"),
                                     value=pl.Series(value, dtype=pl.Float64).fill_nan(None),
-                                    threshold=pl.Series(thr, dtype=pl.Float64).fill_nan(None),
+                                    threshold=pl.Series(np.repeat(cut, size), dtype=pl.Float64).fill_nan(None),
                                     detail=pl.select(pl.format("cluster={}", pl.Series(bt.cluster))).to_series())
 
         per_cluster = pl.DataFrame({
@@ -414,8 +415,6 @@ class DensityBasedPruning(_ClusteredBudgetStage):
                  "keep": self.keep}
         if alloc.notes:
             stats["warnings"] = alloc.notes
-        # short on purpose (<= 12 characters are stored inline, no string buffer per row);
-        # the cluster's size, shares and quota are in the `dbp_clusters` artefact
         return StageResult(None, {"dbp_clusters": per_cluster}, stats, chunks=chunks)
 
 

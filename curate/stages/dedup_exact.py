@@ -302,15 +302,14 @@ class ExactDedup(Stage):
                     raise UsageError(f"exact_dedup: key {key!r} needs column(s) {missing}")
                 valid = f"{by[0]} IS NOT NULL"
             keys = ", ".join(by)
-            before = con.execute(f"SELECT count(*) FROM {dropped}").fetchall()[0][0]
-            con.execute(
+            inserted = con.execute(
                 f"INSERT INTO {dropped} "
                 f"WITH c AS (SELECT {keys}, {POS}, {prio} AS _prio FROM {src} WHERE {valid} "
                 f"           AND {POS} NOT IN (SELECT _pos FROM {dropped})), "
                 f"     g AS (SELECT {keys}, arg_min({POS}, _prio) AS ref, count(*) AS size FROM c "
                 f"           GROUP BY {keys} HAVING count(*) > 1) "
-                f"SELECT c.{POS}, {i}, g.ref, g.size FROM c JOIN g USING ({keys}) WHERE c.{POS} <> g.ref")
-            stats[f"dropped_{key}"] = int(con.execute(f"SELECT count(*) FROM {dropped}").fetchall()[0][0] - before)
+                f"SELECT c.{POS}, {i}, g.ref, g.size FROM c JOIN g USING ({keys}) WHERE c.{POS} <> g.ref").fetchall()
+            stats[f"dropped_{key}"] = int(inserted[0][0])
         stats["n_kept"] = n - sum(stats[f"dropped_{k}"] for k in self.keys)
         names = pl.Series("reason", [f"duplicate_{k}" for k in self.keys], dtype=DECISION_COLUMNS["reason"])
 

@@ -227,7 +227,6 @@ class SemDedupCache:
     nn: np.ndarray      # int32 (n,): the nearest earlier row's place in its cluster, -1 for none
     keep: str = "farthest"
     seed: int = 0
-    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -255,13 +254,18 @@ def semdedup_pass(view: EmbeddingView, cluster: np.ndarray, dist: np.ndarray, *,
     """`similarity_pass` over in-memory rows (input row i = `view` row i), results in memory."""
     tb = np.arange(len(cluster)) if tiebreak is None else np.asarray(tiebreak)
     cin = ClusteredInput.from_arrays(cluster, dist, tb, embed=view.take)
-    stats: dict = {}
+    nn_sim, nn = _in_memory(similarity_pass(cin, keep, seed, block_rows=block_rows, tile_cols=tile_cols,
+                                            batch_rows=batch_rows))
+    return SemDedupCache(cin, nn_sim, nn, keep, seed)
+
+
+def _in_memory(rows) -> tuple[np.ndarray, np.ndarray]:
+    """A pass's (nn_sim, nn) concatenated (a caller without a cache to write them to)."""
     sims, nns = [np.empty(0, np.float32)], [np.empty(0, np.int32)]
-    for _, s, nn in similarity_pass(cin, keep, seed, block_rows=block_rows, tile_cols=tile_cols,
-                                    batch_rows=batch_rows, stats=stats):
+    for _, s, nn in rows:
         sims.append(s)
         nns.append(nn)
-    return SemDedupCache(cin, np.concatenate(sims), np.concatenate(nns), keep, seed, stats)
+    return np.concatenate(sims), np.concatenate(nns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,8 +320,8 @@ def greedy_in_cluster(sim: np.ndarray, nn: np.ndarray, thr: float, rows_of) -> t
     return kept, ref, value, recomputed, flops
 
 
-def decide(cache: SemDedupCache, thr: float, rule: str = "paper", stats: dict | None = None,
-           x_cache: dict | None = None) -> Iterator[tuple[ClusterBatch, np.ndarray, np.ndarray, np.ndarray]]:
+def decide(cache: SemDedupCache, thr: float, rule: str = "paper",
+           stats: dict | None = None) -> Iterator[tuple[ClusterBatch, np.ndarray, np.ndarray, np.ndarray]]:
     """(batch, keep, ref = batch row it duplicates or -1, value) for every batch of the cache at
     the threshold 1 - eps. The paper rule needs nothing but the cache; the greedy rule reads
     the embeddings of the clusters that hold a chain."""
@@ -329,28 +333,20 @@ def decide(cache: SemDedupCache, thr: float, rule: str = "paper", stats: dict | 
         st.setdefault("greedy_recomputed_rows", 0)
         st.setdefault("greedy_flops", 0.0)
     for bt, sim, nn in cache.batches():
-        starts = np.repeat(bt.bounds[:-1], np.diff(bt.bounds))
+        dup = ge_threshold(sim, thr)
         if rule == "paper":
-            dup = ge_threshold(sim, thr)
             keep, value = ~dup, sim
-            ref = np.where(dup, starts + nn, -1)
+            ref = np.where(dup, bt.starts() + nn, -1)
         else:
             keep = np.ones(len(bt), dtype=bool)
             ref = np.full(len(bt), -1, dtype=np.int64)
             value = np.array(sim)
-            dup = ge_threshold(sim, thr)
             for a, b in zip(bt.bounds[:-1].tolist(), bt.bounds[1:].tolist()):
                 if not dup[a:b].any():
                     continue
-                cid = int(bt.ids[np.searchsorted(bt.bounds, a, side="right") - 1])
 
-                def rows_of(a=a, b=b, cid=cid):
-                    if x_cache is not None and cid in x_cache:
-                        return x_cache[cid]
-                    x = normalise_rows(cache.cin.embeddings(bt.pos[a:b]), inplace=True)
-                    if x_cache is not None:
-                        x_cache[cid] = x
-                    return x
+                def rows_of(a=a, b=b):
+                    return normalise_rows(cache.cin.embeddings(bt.pos[a:b]), inplace=True)
                 k, r, v, rec, f = greedy_in_cluster(sim[a:b], nn[a:b], thr, rows_of)
                 keep[a:b], value[a:b] = k, v
                 ref[a:b] = np.where(r >= 0, a + r, -1)
@@ -589,7 +585,6 @@ class SemanticDedup(Stage):
         key = "semdedup-" + short_hash(cin.identity, self.keep, seed if self.keep == "random" else "", "listing")
         got = cache.get(key) if cache is not None else None
         if got is not None and len(got.get("nn_sim", ())) == n:
-            sd = SemDedupCache(cin, got["nn_sim"], got["nn"], self.keep, seed)
             stats["similarities"] = "cache"
         else:
             pstats: dict = {}
@@ -602,14 +597,11 @@ class SemanticDedup(Stage):
                     cache.put_stream(key, {"nn_sim": np.float32, "nn": np.int32}, n,
                                      ((s, nn) for _, s, nn in rows))
                     got = cache.get(key)
-                    sd = SemDedupCache(cin, got["nn_sim"], got["nn"], self.keep, seed)
                 else:
-                    parts = [(s, nn) for _, s, nn in rows]
-                    sd = SemDedupCache(cin, np.concatenate([s for s, _ in parts]),
-                                       np.concatenate([nn for _, nn in parts]), self.keep, seed)
-                    del parts
+                    got = dict(zip(("nn_sim", "nn"), _in_memory(rows)))
             stats["similarities"] = "computed"
             stats.update({f"pass_{k}": v for k, v in pstats.items()})
+        sd = SemDedupCache(cin, got["nn_sim"], got["nn"], self.keep, seed)
         if self.target_keep is not None:
             eps, cal = calibrate_eps(sd, self.target_keep, self.rule, seed=seed, sample_rows=self.calibration_rows)
             stats.update(cal)
