@@ -96,8 +96,17 @@ class ShardEmbeddingView(EmbeddingView):
         if missing:
             raise UsageError(f"no {kind} embeddings of scorer {scorer!r} for {len(missing)} shard(s) "
                              f"(e.g. shard {min(missing)}); run `curate score` first")
-        dims = {r.dim for r in shard_refs.values()}
-        self.dim = dims.pop() if len(dims) == 1 else max(dims)
+        by_dim: dict[int, list[int]] = {}
+        for sid, r in sorted(shard_refs.items()):
+            by_dim.setdefault(int(r.dim), []).append(sid)
+        if len(by_dim) > 1:
+            def shards(ids: list[int]) -> str:
+                head = ", ".join(map(str, ids[:5])) + (f", ... ({len(ids)} shards)" if len(ids) > 5 else "")
+                return f"shard{'s' if len(ids) > 1 else ''} {head}"
+            parts = "; ".join(f"{d} wide in {shards(ids)}" for d, ids in sorted(by_dim.items()))
+            raise UsageError(f"{kind} embeddings of scorer {scorer!r} differ in width: {parts}; re-ingest or "
+                             f"re-score the odd shards so they agree")
+        self.dim = next(iter(by_dim)) if by_dim else 0
 
     def _gather(self, sel: np.ndarray) -> np.ndarray:
         out = np.empty((len(sel), self.dim), dtype=np.float32)

@@ -162,8 +162,9 @@ class PoolSource:
 
     The spine holds, per usable sample in (shard_id, row_idx) order (its *position*): the rank of
     its uid in sorted uid order (the `uid` stages see: 4 bytes, orders like the strings) and the
-    scores the recipe needs (8 bytes each); the positions whose image did not decode (a sorted
-    list, with the decoder's message); its row id in the
+    scores the recipe needs (8 bytes each; a non-finite stored score reads as missing); the
+    positions without a usable embedding: images that did not decode and `bad_embedding`
+    samples (a sorted list, with the recorded message); its row id in the
     samples table, shard_id and row_idx as runs (`RunArray`: a pair per run of consecutive
     rows, a few thousand for a whole pool). The uid strings stay in DuckDB;
     decisions get them back by a join on the row id when they are written. A stage's other
@@ -217,9 +218,16 @@ class PoolSource:
                                   "WHERE status = 'ok'")
         self.pool_key = f"{cnt}:{x}:{sm}"
         self.scores = {sc: self._scores(sc) for sc in scorers}
+        # Samples without a usable embedding: undecodable images (detail: the decoder's message) and
+        # bad embeddings (non-finite or zero vectors; detail `bad_embedding: ` + what is wrong,
+        # which decode_failures reads to name its reason: stages.image_rules.BAD_EMBEDDING_PREFIX).
         err = manifest.con.sql(
-            "SELECT s.rowid AS rid, any_value(i.detail) AS detail FROM sample_issues i JOIN samples s ON s.uid = i.uid "
-            "WHERE s.status = 'ok' AND i.action = 'unscored' AND i.reason = 'undecodable' GROUP BY s.rowid"
+            "SELECT s.rowid AS rid, CASE WHEN bool_or(i.reason = 'undecodable') "
+            "THEN any_value(i.detail) FILTER (WHERE i.reason = 'undecodable') "
+            "ELSE 'bad_embedding: ' || coalesce(string_agg(DISTINCT i.detail, '; ' ORDER BY i.detail), '') END "
+            "AS detail FROM sample_issues i JOIN samples s ON s.uid = i.uid "
+            "WHERE s.status = 'ok' AND i.action = 'unscored' AND i.reason IN ('undecodable', 'bad_embedding') "
+            "GROUP BY s.rowid"
         ).to_arrow_table()
         epos = self.pos_of_rid[err.column("rid").to_numpy()] if err.num_rows else np.empty(0, np.int32)
         order = np.argsort(epos, kind="stable")
@@ -262,8 +270,10 @@ class PoolSource:
                                  "WHERE s.scorer = ? AND p.status = 'ok'", params=[sc]).to_arrow_reader(STREAM_BATCH):
             pos = self.pos_of_rid[rb.column("rid").to_numpy()]
             score = rb.column("score")
-            vals[pos] = score.to_numpy(zero_copy_only=False)
-            has[pos] = score.is_valid().to_numpy(zero_copy_only=False)
+            v = score.to_numpy(zero_copy_only=False)
+            vals[pos] = v
+            # a non-finite stored score (NaN, ±Inf: a workspace written by an older version) is missing
+            has[pos] = score.is_valid().to_numpy(zero_copy_only=False) & np.isfinite(v)
         name = f"score__{sc}"
         if has.all():
             return pl.Series(name, vals)
@@ -767,8 +777,9 @@ def _apply_clustered(sid: str, stage: Stage, src: PoolSource, alive: np.ndarray,
         spec = stage.spec_for(n_in, seed)
         bad = int(alive[src.err_pos].sum()) if len(src.err_pos) else 0
         if bad:
-            raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have none "
-                             f"(undecodable images); put a decode_failures stage before it")
+            raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have no usable "
+                             f"embedding (undecodable images or bad embeddings, see `curate status`); put a "
+                             f"decode_failures stage before it")
         if n_in == 0:
             run.stats = {"n_in": 0, "n_kept": 0}
             return
@@ -869,6 +880,16 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
         return _StageRun(row_chunks)
 
     def global_chunks(run):
+        bad = src.undecodable_among(pos) if stage.needs_embeddings() else 0
+        if bad and stage._apply_to == "pool":
+            raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of the pool's samples have no usable "
+                             f"embedding (undecodable images or bad embeddings, see `curate status`); with "
+                             f"apply_to = \"pool\" it sees them all: apply it to the survivors of a "
+                             f"decode_failures stage instead")
+        if bad:
+            raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have no usable "
+                             f"embedding (undecodable images or bad embeddings, see `curate status`); put a "
+                             f"decode_failures stage before it")
         frame = stage_frame(src, stage, pos)
         views = {(sc, kind): ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, sc, kind), sc, kind)
                  for sc, kind in stage.needs_embeddings()}
@@ -940,8 +961,9 @@ def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.n
     spec = stage.cluster_spec(inp)
     bad = src.undecodable_among(pos)
     if bad:
-        raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have none "
-                         f"(undecodable images); put a decode_failures stage before it")
+        raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have no usable "
+                         f"embedding (undecodable images or bad embeddings, see `curate status`); put a "
+                         f"decode_failures stage before it")
     arrays, source = pool.clustering(stage, spec, manifest, cache)
     idx = pool.index(pos)
     cluster = np.asarray(arrays["cluster"][idx], dtype=np.int32)

@@ -4,7 +4,8 @@ Sources: `image_size` defaults are DataComp's basic-filter image rules (Gadre et
 `mlfoundations/datacomp` `baselines/apply_filter.py`: `min(w, h) >= 200` and
 `max(w, h) / min(w, h) <= 3.0`). `image_bytes` has no published default; its bounds are off
 unless set (tiny files are usually placeholders of dead links or 1x1 trackers; huge ones are
-often scans or posters). `decode_failures` drops what the score stage could not decode.
+often scans or posters). `decode_failures` drops what has no usable embedding: images the score
+stage could not decode, and samples recorded with a bad embedding.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import polars as pl
 from .base import Stage, StageInput, StageResult, register_stage
 from .filters_datacomp import (Rule, decisions_from, empty_decisions, fails_above, fails_below, first_failure,
                                require_columns, size_rules)
+
+# How the runner marks a `decode_error` that is a bad embedding, not an image that did not decode.
+BAD_EMBEDDING_PREFIX = "bad_embedding: "
 
 
 @register_stage
@@ -87,10 +91,13 @@ class ImageBytes(Stage):
 
 @register_stage
 class DecodeFailures(Stage):
-    """Drop samples the score stage recorded as undecodable.
+    """Drop samples that have no usable embedding: images the score stage could not decode, and
+    samples recorded with a bad embedding (non-finite or zero vector, at ingest or score).
 
-    Input column `decode_error` (str, null when the image decoded). Reason `undecodable`, value NaN,
-    detail = the recorded error.
+    Input column `decode_error` (str, null when the sample is usable): the recorded error of an
+    undecodable image, or `bad_embedding: ` followed by what is wrong. Reasons `bad_embedding`
+    (detail = what is wrong, e.g. `datacomp-l14 img: non-finite values`) and `undecodable`
+    (detail = the recorded error); value NaN.
     """
 
     name = "decode_failures"
@@ -105,6 +112,9 @@ class DecodeFailures(Stage):
         if f.height == 0:
             return StageResult(empty_decisions())
         err = pl.col("decode_error").cast(pl.Utf8)
-        rules = [Rule("undecodable", err.is_not_null(), pl.lit(math.nan, pl.Float64), None, err)]
+        bad_embedding = err.str.starts_with(BAD_EMBEDDING_PREFIX).fill_null(False)
+        rules = [Rule("bad_embedding", bad_embedding, pl.lit(math.nan, pl.Float64), None,
+                      err.str.strip_prefix(BAD_EMBEDDING_PREFIX)),
+                 Rule("undecodable", err.is_not_null(), pl.lit(math.nan, pl.Float64), None, err)]
         d = f.select(first_failure(rules))
         return StageResult(decisions_from(f["uid"], d["reason"], d["value"], d["threshold"], d["detail"]))
