@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -150,6 +151,12 @@ def _smaller(a: str, b: str) -> str:
     return a if _bytes(a) <= _bytes(b) else b
 
 
+# A writer waits this long for readers that opened the file directly; a reader waits this long
+# for a writer that holds the file but does not serve yet (starting, or closing).
+WRITER_WAIT = 10.0
+READER_WAIT = 3.0
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now()
 
@@ -157,17 +164,27 @@ def _now() -> dt.datetime:
 class Manifest:
     """A connection to `manifest.duckdb`. Writers must hold the workspace lock."""
 
+    remote = False  # a `RemoteManifest` (answered by the running writer) says True
+
     def __init__(self, path: Path, *, read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
-        try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
-                raise WorkspaceLocked(
-                    f"manifest {self.path} is in use by another curate process; wait for it to finish"
-                ) from None
-            raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
+        self._server = None
+        # A writer holds the workspace lock, so the only other process that can hold the file is
+        # a reader that opened it directly (no writer was running then): wait for it a little.
+        deadline = time.monotonic() + (0 if read_only else WRITER_WAIT)
+        while True:
+            try:
+                self.con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise CurateError(f"cannot open manifest {self.path}: {exc}") from None
+                if time.monotonic() >= deadline:
+                    raise WorkspaceLocked(
+                        f"manifest {self.path} is in use by another curate process; wait for it to finish"
+                    ) from None
+                time.sleep(0.1)
         # Bounded memory: DuckDB spills to the workspace's tmp/ rather than growing with the pool.
         # `memory_limit` is for whole-pool sorts and joins; `working_memory()` holds the
         # streaming and per-chunk work of a long command (and the closing checkpoint) to less.
@@ -179,10 +196,14 @@ class Manifest:
             tmp.mkdir(parents=True, exist_ok=True)
             self.con.execute(f"SET temp_directory = '{tmp}'")
             self.init_schema()
+            # Readers cannot open the file while we hold it: answer their queries (curate/manifest_reader.py).
+            from .manifest_reader import start_server
+
+            self._server = start_server(self.con, self.path)
 
     @classmethod
     def for_workspace(cls, ws, *, read_only: bool = False) -> "Manifest":
-        return cls(ws.manifest_path, read_only=read_only)
+        return open_read_only(ws.manifest_path) if read_only else cls(ws.manifest_path)
 
     def init_schema(self) -> None:
         with self.transaction():
@@ -196,10 +217,29 @@ class Manifest:
     def trim(self) -> None:
         """Let DuckDB drop the table blocks it keeps cached (they count as this process's memory
         and grow with the pool up to the memory limit): lowering the limit evicts them, then it
-        is restored. Blocks a query still holds stay; nothing is lost, later reads go to the file."""
-        with contextlib.suppress(duckdb.Error):
-            self.con.execute("SET memory_limit = '16MB'")
-        self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        is restored. Blocks a query still holds stay; nothing is lost, later reads go to the file.
+        Skipped while a reader's query served by this writer runs: at 16MB it could fail that
+        query, and the query could make restoring the limit fail (its blocks are in use anyway)."""
+        with self._readers_paused(0) as paused:
+            if not paused:
+                return
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute("SET memory_limit = '16MB'")
+            self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
+
+    @contextlib.contextmanager
+    def _readers_paused(self, timeout: float) -> Iterator[bool]:
+        """Hold off the reader queries this writer serves (curate/manifest_reader.py) for the
+        block, waiting up to `timeout` s for a running one to end; yields whether they are held
+        off. DuckDB's memory limit is shared with them: lowering it below what a reader's query
+        holds fails."""
+        lock = getattr(self._server, "query_lock", None)
+        ok = lock is None or (lock.acquire(timeout=timeout) if timeout > 0 else lock.acquire(blocking=False))
+        try:
+            yield ok
+        finally:
+            if ok and lock is not None:
+                lock.release()
 
     @contextlib.contextmanager
     def working_memory(self) -> Iterator[None]:
@@ -208,15 +248,20 @@ class Manifest:
         10M-sample prune filled the whole 512MB with blocks it never read again)."""
         old = self.memory_limit
         self.memory_limit = self.working_limit
-        self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        with self._readers_paused(WRITER_WAIT):
+            self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
         try:
             yield
         finally:
             self.memory_limit = old
-            with contextlib.suppress(duckdb.Error):
+            with contextlib.suppress(duckdb.Error), self._readers_paused(WRITER_WAIT):
                 self.con.execute(f"SET memory_limit = '{old}'")
 
     def close(self) -> None:
+        server, self._server = getattr(self, "_server", None), None
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop()  # before the checkpoint: no reader transaction is left open
         if not self.read_only:
             # Write the WAL into the file under the working limit: closing checkpoints too, and a
             # checkpoint fills whatever limit it has (~350 MB at 512MB after a 2M-sample prune).
@@ -277,6 +322,12 @@ class Manifest:
 
     # ---- runs -------------------------------------------------------------------------
     def start_run(self, command: str, params: dict, *, argv: list[str] | None = None, seed: int | None = None) -> int:
+        # We hold the workspace's writer lock, so a run still `running` belongs to a process that
+        # died (kill -9, power loss): say so, rather than leave it looking alive. Prune runs are
+        # left to `clear_unfinished`, which also deletes the decisions they committed.
+        self.execute("UPDATE runs SET status = 'interrupted', ended_at = coalesce(ended_at, ?), "
+                     "error = coalesce(error, 'the process ended before the run finished') "
+                     "WHERE status = 'running' AND command <> 'prune'", [_now()])
         run_id = self.scalar("SELECT nextval('run_id_seq')")
         self.execute(
             "INSERT INTO runs (run_id, command, argv, params, version, seed, started_at, status) "
@@ -352,6 +403,27 @@ class RunRecord:
     def __init__(self, run_id: int):
         self.run_id = run_id
         self.summary: dict = {}
+
+
+def open_read_only(path):
+    """The manifest for reading: the file itself when no writer holds it; else the running
+    writer's snapshot through its socket (`RemoteManifest`, `.remote` is True). Raises
+    `WorkspaceLocked` when the file is held and nobody answers (an older curate, or a writer
+    that is starting or closing and stays so longer than READER_WAIT)."""
+    from .manifest_reader import RemoteManifest
+
+    deadline = time.monotonic() + READER_WAIT
+    while True:
+        try:
+            return Manifest(path, read_only=True)
+        except WorkspaceLocked as exc:
+            locked = exc
+        remote = RemoteManifest.connect(path)
+        if remote is not None:
+            return remote
+        if time.monotonic() >= deadline:
+            raise locked
+        time.sleep(0.1)
 
 
 def open_manifest(ws, *, read_only: bool = False) -> Manifest:

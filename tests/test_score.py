@@ -141,4 +141,4 @@ def test_kill_and_resume_identical(tmp_path, pool, tiny_ckpt):
     sb = _q(ws, "SELECT uid, score FROM scores ORDER BY uid")
     assert sa.equals(sb)
     runs = _q(ws, "SELECT status FROM runs WHERE command = 'score' ORDER BY run_id")["status"].to_list()
-    assert runs == ["running", "ok"], "the killed run stays visible as running (its process is gone)"
+    assert runs == ["interrupted", "ok"], "the next writer marks the killed run interrupted (its process is gone)"

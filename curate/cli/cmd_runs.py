@@ -77,6 +77,7 @@ def runs(
     try:
         with open_manifest(ws, read_only=not changing or dry_run) as m:
             listed = prune_runs(m)
+            live = m.remote  # read from a running writer's snapshot (a prune in progress shows as running)
             ids = runs_to_drop(listed, list(drop or []), keep_last) if changing else []
             rows = sum(r["decisions"] for r in listed if r["run_id"] in ids)
             if ids and not dry_run:
@@ -89,13 +90,15 @@ def runs(
                 listed = prune_runs(m)
     finally:
         ws.close()
-    summary = {"runs": listed, "dropped": ids, "decision_rows_dropped": rows, "dry_run": dry_run}
+    summary = {"runs": listed, "dropped": ids, "decision_rows_dropped": rows, "dry_run": dry_run, "live": live}
     if console.state.json:
         console.emit(summary)
         return
     console.print_table("prune runs", ["run", "status", "recipe", "budget", "kept", "of", "decisions", "started"],
                         [(r["run_id"], r["status"], r["recipe"], r["budget"], r["kept"], r["pool"], r["decisions"],
                           r["started_at"][:19]) for r in listed])
+    if live:
+        console.stdout.print("live: a writer is running; this is a snapshot of what it has committed so far")
     if changing:
         verb = "would drop" if dry_run else "dropped"
         console.stdout.print(f"{verb} {len(ids)} run(s): {', '.join(map(str, ids)) or 'none'} "

@@ -1,15 +1,74 @@
-"""`curate status`: what a workspace holds."""
+"""`curate status`: what a workspace holds, and what is running in it now."""
 
 from __future__ import annotations
 
-from ..workspace import Workspace
+import datetime as dt
+import json
+import os
+import socket
+from pathlib import Path
+
+from ..workspace import LOCK_NAME, Workspace
 from .. import console
 from ..manifest import open_manifest
+from ..manifest_reader import WriterGone
 from .common import DebugOpt, JsonOpt, QuietOpt, WorkspaceOpt, setup
 from .main import app
 
 
-def workspace_status(ws: Workspace) -> dict:
+def lock_holder(ws: Workspace) -> dict | None:
+    """The process holding the workspace's writer lock, from `.curate.lock`'s JSON, when it is
+    alive. Read without taking the lock (status never blocks a writer). A writer killed with -9
+    leaves its JSON behind: a dead pid on this host means nobody holds it."""
+    try:
+        info = json.loads((ws.root / LOCK_NAME).read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+        return None
+    if info.get("host") in (None, socket.gethostname()):
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        cmdline = Path(f"/proc/{info['pid']}/cmdline")
+        if cmdline.exists():  # a reused pid is not our writer
+            try:
+                if b"curate" not in cmdline.read_bytes():
+                    return None
+            except OSError:
+                pass
+    return {"pid": info["pid"], "host": info.get("host"), "command": info.get("command"), "since": info.get("since")}
+
+
+def _in_progress(running: list, holder: dict | None) -> list[dict]:
+    """Runs marked `running` that the lock holder is running (one started before the holder took
+    the lock was left by a killed process), plus the holder itself when it has no run yet."""
+    if holder is None:
+        return []
+    since = None
+    try:
+        since = dt.datetime.fromisoformat(holder["since"]) - dt.timedelta(seconds=1)
+    except (TypeError, ValueError):
+        pass
+    who = {"pid": holder["pid"], "host": holder["host"], "since": holder["since"], "lock_command": holder["command"]}
+    out = []
+    for run_id, command, argv, started in running:
+        if since is not None and started is not None and started < since:
+            continue
+        try:
+            argv = json.loads(argv) if argv else None
+        except ValueError:
+            pass
+        out.append({"run_id": int(run_id), "command": command, "argv": argv, "started_at": str(started), **who})
+    if not out:
+        out.append({"run_id": None, "command": None, "argv": None, "started_at": None, **who})
+    return out
+
+
+def _status_once(ws: Workspace) -> dict:
     with open_manifest(ws, read_only=True) as m:
         q = lambda sql: m.execute(sql).fetchall()  # noqa: E731
         shards = q("SELECT format, status, count(*), sum(n_samples), sum(n_rejected), sum(bytes) "
@@ -19,10 +78,17 @@ def workspace_status(ws: Workspace) -> dict:
         scorers = q("SELECT s.name, s.kind, s.spec, s.dim, (SELECT count(*) FROM scores c WHERE c.scorer = s.name) "
                     "FROM scorers s ORDER BY s.name")
         runs = q("SELECT run_id, command, status, started_at, ended_at FROM runs ORDER BY run_id DESC LIMIT 20")
+        running = q("SELECT run_id, command, argv, started_at FROM runs WHERE status = 'running' ORDER BY run_id")
         n_samples = m.scalar("SELECT count(*) FROM samples")
         n_shards = m.scalar("SELECT count(*) FROM shards")
+        live, writer_pid = m.remote, getattr(m, "writer_pid", None)
+    holder = lock_holder(ws)
+    if live and (holder is None or holder["pid"] != writer_pid):  # the lock file is being rewritten
+        holder = {"pid": writer_pid, "host": None, "command": None, "since": None}
     return {
         "workspace": str(ws.root),
+        "live": live,
+        "in_progress": _in_progress(running, holder),
         "n_shards": n_shards,
         "n_samples": n_samples,
         "shards": [dict(format=f, status=s, shards=n, samples=int(ns or 0), rejected=int(nr or 0), bytes=int(b or 0))
@@ -35,10 +101,24 @@ def workspace_status(ws: Workspace) -> dict:
     }
 
 
+def workspace_status(ws: Workspace) -> dict:
+    """Read-only, never takes the writer lock. While a writer runs, the figures are the
+    snapshot of what it has committed, served by the writer (`live`)."""
+    for attempt in range(3):
+        try:
+            return _status_once(ws)
+        except WriterGone:  # the writer finished while we read: read again (the file, now)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @app.command()
 def status(workspace: WorkspaceOpt = None, json_output: JsonOpt = False, quiet: QuietOpt = False,
            debug: DebugOpt = False) -> None:
-    """Show a workspace's shards, samples, per-sample issues, scorers and recent runs.
+    """Show a workspace's shards, samples, per-sample issues, scorers, recent runs and what is
+    running now. Works while a writer (ingest, score, prune, ...) runs: the figures are then what
+    it has committed so far (`live`).
 
     Example: `curate status -w ws/` (or `--json` for scripts)
     """
@@ -49,6 +129,14 @@ def status(workspace: WorkspaceOpt = None, json_output: JsonOpt = False, quiet: 
         console.emit(st)
         return
     console.stdout.print(f"[bold]workspace[/bold] {st['workspace']}: {st['n_shards']:,} shards, {st['n_samples']:,} samples")
+    if st["live"]:
+        console.stdout.print(f"[bold]live[/bold]: pid {st['in_progress'][0]['pid']} is writing; these figures are a "
+                             "snapshot of what it has committed so far")
+    if st["in_progress"]:
+        console.print_table("in progress", ["run", "command", "pid", "since", "started", "command line"],
+                            [(d["run_id"], d["command"], str(d["pid"]), d["since"], d["started_at"],
+                              " ".join(d["argv"]) if isinstance(d["argv"], list) else (d["argv"] or d["lock_command"]))
+                             for d in st["in_progress"]])
     console.print_table("shards", ["format", "status", "shards", "samples", "rejected", "bytes"],
                         [tuple(d.values()) for d in st["shards"]])
     console.print_table("samples", ["source", "status", "count"], [tuple(d.values()) for d in st["samples"]])
