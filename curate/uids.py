@@ -15,20 +15,23 @@ from __future__ import annotations
 import hashlib
 import re
 
-_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+_UID_RE = re.compile(r"[0-9a-f]{32}")
+# What "surrounding space" means for a uid in every source (Python's str.strip() would also take
+# U+001C..U+001F, polars' strip_chars() would not): ASCII whitespace only.
+UID_SPACE = " \t\n\r\f\v"
 
 
 def is_uid(value: object) -> bool:
     """True for a DataComp-style uid: 32 lowercase hex characters."""
-    return isinstance(value, str) and bool(_UID_RE.match(value))
+    return isinstance(value, str) and bool(_UID_RE.fullmatch(value))
 
 
 def normalise_uid(value: object) -> str | None:
     """Accept a uid in any case with surrounding space; None when it is not 128-bit hex."""
     if not isinstance(value, str):
         return None
-    v = value.strip().lower()
-    return v if _UID_RE.match(v) else None
+    v = value.strip(UID_SPACE).lower()
+    return v if _UID_RE.fullmatch(v) else None
 
 
 def _digest(*parts: str) -> str:

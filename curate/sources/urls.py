@@ -31,7 +31,7 @@ from pathlib import Path
 import polars as pl
 
 from ..errors import UsageError
-from ..uids import url_uid
+from ..uids import UID_SPACE, url_uid
 
 URL_COLUMNS = ("url", "URL", "image_url")
 CAPTION_COLUMNS = ("caption", "text", "TEXT", "alt")
@@ -273,7 +273,7 @@ def _normalise(raw: pl.DataFrame, ucol: str, ccol: str | None, idcol: str | None
         key=pl.lit(key_prefix) + pl.int_range(n, dtype=pl.UInt64).cast(pl.String),
         url=pl.when(url.str.len_bytes() > 0).then(url),
         caption=pl.col(ccol) if ccol else pl.lit(None, dtype=pl.String),
-        given=pl.col(idcol).str.strip_chars() if idcol else pl.lit(None, dtype=pl.String),
+        given=pl.col(idcol).str.strip_chars(UID_SPACE) if idcol else pl.lit(None, dtype=pl.String),
     )
     df = df.with_columns(
         given_norm=pl.col("given").str.to_lowercase(),
