@@ -13,6 +13,7 @@ A workspace is one directory per pool::
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import UsageError, WorkspaceLocked
+from .errors import UsageError, WorkspaceLocked, is_disk_full
 
 MANIFEST_NAME = "manifest.duckdb"
 LOCK_NAME = ".curate.lock"
@@ -163,6 +164,14 @@ def atomic_path(final: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]
                 os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except OSError as exc:
+        # numpy reports a short write as "N requested and M written", with no errno and no path:
+        # say the disk is full, and where (measured before the partial file is removed)
+        if is_disk_full(exc, final) and exc.errno is None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from exc
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

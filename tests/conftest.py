@@ -31,3 +31,52 @@ def run_json(*args, **kw):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# ---- shared builders: real files, made here ---------------------------------------------------
+
+def jpeg_bytes(w: int = 300, h: int = 200, color=(200, 30, 30)) -> bytes:
+    """A real JPEG of one colour."""
+    import io
+
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(b, "JPEG", quality=90)
+    return b.getvalue()
+
+
+def add_member(tf, name: str, data: bytes) -> None:
+    """Append a regular member to an open tarfile."""
+    import io
+    import tarfile
+
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def manifest_rows(ws: Path, sql: str, params=None) -> list[tuple]:
+    """Rows of a query on a workspace's manifest, opened read-only."""
+    import duckdb
+
+    con = duckdb.connect(str(Path(ws) / "manifest.duckdb"), read_only=True)
+    try:
+        return con.execute(sql, params).fetchall() if params else con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny open_clip checkpoint (random weights, seed 0) saved locally: `curate-tiny-vit@PATH`."""
+    import open_clip
+    import torch
+
+    from curate.models.specs import ensure_configs_registered
+
+    ensure_configs_registered()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(open_clip.create_model("curate-tiny-vit").state_dict(), path)
+    return path

@@ -14,7 +14,6 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -22,7 +21,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import run_cli, run_json
+from conftest import manifest_rows as q, run_cli, run_json
 from curate.cli.main import main as curate_main
 from curate.export.datacomp import verify_submission
 from curate.export.parquet import clusters_of, read_export_metadata
@@ -51,14 +50,6 @@ def cli(*args, check: bool = True) -> tuple[int, dict | None, str]:
 
 def cj(*args) -> dict:
     return cli(*args)[1]
-
-
-def q(ws: Path, sql: str, params=None):
-    con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, params).fetchall() if params else con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def kept(ws: Path, run_id: int, stage_idx: int | None = None) -> set[str]:

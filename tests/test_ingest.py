@@ -18,21 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import run_cli, run_json
+from conftest import add_member as _add, jpeg_bytes as _jpeg, manifest_rows as q, run_cli, run_json
 from curate.embeddings import EmbeddingRef
 from curate.uids import wds_uid
-
-
-def _jpeg(w=300, h=200, color=(200, 30, 30)) -> bytes:
-    b = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(b, "JPEG", quality=90)
-    return b.getvalue()
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    tf.addfile(ti, io.BytesIO(data))
 
 
 def make_wds(path: Path, n_good: int = 6, *, with_uid: bool = True, hostile: bool = True) -> list[str]:
@@ -94,14 +82,6 @@ def make_datacomp(folder: Path, stem: str, n: int, seed: int, *, compressed=Fals
         "clip_l14_similarity_score": rng.random(n).astype(np.float32),
     }), folder / f"{stem}.parquet")
     return uids, arrays
-
-
-def q(ws: Path, sql: str):
-    con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_wds_every_record_is_a_sample_or_an_issue(tmp_path):

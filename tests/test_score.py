@@ -14,25 +14,10 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from conftest import CURATE, ROOT, run_cli, run_json
 
 SCORER = "tiny"
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    import open_clip
-
-    from curate.models.specs import ensure_configs_registered
-
-    ensure_configs_registered()
-    torch.manual_seed(0)
-    model = open_clip.create_model("curate-tiny-vit")
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Annotated, Optional
 
 import typer
@@ -47,7 +48,8 @@ def prune(
                 summary = run_pipeline(ws, m, recipe, 0, budget=budget, record=False)
                 run_id = None
             else:
-                m.clear_unfinished("prune")
+                for gone in m.clear_unfinished("prune"):  # and their artefacts, as `curate runs --drop` does
+                    shutil.rmtree(ws.run_path(gone), ignore_errors=True)
                 # Decisions are committed stage by stage (one transaction for a 10M-sample run
                 # would hold all of them in memory); the run is 'ok' only once all are in, and
                 # readers only take 'ok' runs. A failed or interrupted run's decisions are

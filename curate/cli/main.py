@@ -6,13 +6,14 @@ Errors print one line; --debug (or CURATE_DEBUG=1) adds the traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 
 import typer
 
 from .. import __version__, console
-from ..errors import CurateError
+from ..errors import CurateError, describe_os_error, disk_full_line, is_disk_full
 
 app = typer.Typer(
     name="curate",
@@ -73,12 +74,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.error_line("interrupted")
         return 130
+    except OSError as exc:  # the file system said no: what, where, what to do
+        if debug or console.state.debug:
+            traceback.print_exc()
+        console.error_line(describe_os_error(exc))
+        return 1
     except Exception as exc:  # an unexpected failure: one line unless --debug
         if debug or console.state.debug:
             traceback.print_exc()
-        console.error_line(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        if is_disk_full(exc):  # DuckDB, Arrow and polars say it in their own words
+            named = re.search(r'file "([^"]+)"', str(exc))
+            console.error_line(disk_full_line(named.group(1) if named else _workspace_arg(args)))
+        else:
+            console.error_line(f"{type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)")
         return 1
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500] + ("..." if len(text) > 500 else "")
+
+
+def _workspace_arg(args: list[str]) -> str | None:
+    """The workspace the command was given (-w/--workspace or CURATE_WORKSPACE), for messages."""
+    import os
+
+    for i, a in enumerate(args):
+        if a in ("-w", "--workspace") and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--workspace="):
+            return a.split("=", 1)[1]
+    return os.environ.get("CURATE_WORKSPACE")
 
 
 def entrypoint() -> None:

@@ -13,7 +13,9 @@ from ..selection import kept_uids, stages_of
 
 SAMPLE_COLUMNS = ("s.url, s.caption, s.width, s.height, s.sha256, s.image_bytes, s.members")
 LOCATION_COLUMNS = ("uid, s.shard_id, s.row_idx, s.key, s.source, s.image_ext, s.tar_offset, s.tar_end, "
-                    "sh.path AS shard_path, sh.format AS shard_format, sh.bytes AS shard_bytes, sh.mtime AS shard_mtime")
+                    "sh.path AS shard_path, sh.format AS shard_format, sh.bytes AS shard_bytes, sh.mtime AS shard_mtime, "
+                    # shards whose member names and types ingest checked (docs/ingest.md, "Unsafe members")
+                    "coalesce(json_extract_string(sh.extra, '$.members_checked') = '1', false) AS shard_checked")
 
 
 @dataclass

@@ -15,12 +15,14 @@ import io
 import lzma
 import mmap
 import os
+import re
 import tarfile
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile/GNU tar pad archives to whole 10 KiB records
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 _ENC = ("utf-8", "surrogateescape")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 _EXTENDED = (b"L", b"K", b"x", b"g", b"X")  # GNU long name/link, pax (local, global, old Solaris)
 
 
@@ -116,6 +118,23 @@ def _members_by_tarfile(buf) -> list[Member]:
     return out
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why a member name must not be passed on to an exported shard (None: it is safe).
+    Extracting a shard with such a member could write outside the target directory, or the
+    name cannot be written back as it was read."""
+    if not name or name.startswith("/"):
+        return "absolute path" if name else "empty name"
+    if ".." in name.split("/"):
+        return "'..' in the path"
+    if _UNSAFE_CHARS.search(name):
+        return "control character or backslash in the name"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    return None
+
+
 def split_name(name: str) -> tuple[str, str]:
     """(key, extension) the webdataset way, the rule ingest used: the key runs to the first dot
     of the file name; the extension is the rest, lower-cased."""
@@ -179,6 +198,12 @@ class Source:
     @property
     def compressed(self) -> bool:
         return self.stream is not None
+
+    def read(self, offset: int, n: int) -> bytearray:
+        """The n bytes at `offset`; raises EOFError if the shard ends first."""
+        buf = bytearray(n)
+        self.read_into(memoryview(buf), offset)
+        return buf
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill `buf` with the bytes at `offset`; raise if the shard ends first."""

@@ -213,6 +213,9 @@ def _read_plan(out: Path) -> dict | None:
 
 
 def guard_out_dir(out: Path, ws_root: Path, source_paths: list[str]) -> None:
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
+                         "create its target directory or give another --out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; webdataset export writes a directory of shards")
     if out.resolve() == ws_root.resolve():
@@ -276,15 +279,16 @@ def prepare_out_dir(out: Path, fingerprint: str, n_shards: int, overwrite: bool)
 
 # ---- running it ---------------------------------------------------------------------------
 
-def _tasks(plan: pl.DataFrame, out: Path, fingerprint: str, shard_size: int, todo: list[int], touched: list[str]):
+def _tasks(plan: pl.DataFrame, out: Path, fingerprint: str, shard_size: int, todo: list[int], touched: list[str],
+           unchecked: list[str]):
     cols = ["uid", "shard_path", "tar_offset", "tar_end", "key", "out_key", "drop_repeats", "patch"]
-    touched_set = set(touched)
+    touched_set, unchecked_set = set(touched), set(unchecked)
     for i in todo:
         part = plan.slice(i * shard_size, shard_size)
         rows = part.select(cols).rows()
-        paths = set(part["shard_path"].unique().to_list()) & touched_set
+        here = set(part["shard_path"].unique().to_list())
         yield {"out_dir": str(out), "name": shard_name(i), "rows": rows, "plan": fingerprint,
-               "check_all": sorted(paths)}
+               "check_all": sorted(here & touched_set), "parse_members": sorted(here & unchecked_set)}
 
 
 def _crash_after() -> int | None:
@@ -324,12 +328,14 @@ def export_wds(ws, manifest, sel: Selection, opts: WdsOptions, *, dry_run: bool 
             "shards": facts["shards"], "name_pattern": brace_pattern(facts["shards"])})
     done = complete_shards(out, fp, facts["counts"]) if resuming else set()
     todo = [i for i in range(facts["shards"]) if i not in done]
-    written = _run_tasks(_tasks(plan, out, fp, opts.shard_size, todo, touched), len(todo), opts.workers)
+    # shards ingested before ingest checked member names and types: every sample is parsed
+    unchecked = samples.filter(~pl.col("shard_checked"))["shard_path"].unique().to_list()
+    written = _run_tasks(_tasks(plan, out, fp, opts.shard_size, todo, touched, unchecked), len(todo), opts.workers)
     _fsync_dir(out)  # every shard's rename is durable before sizes.json says the export is complete
     sizes = {shard_name(i): n for i, n in enumerate(facts["counts"])}
     atomic_write_json(out / SIZES_NAME, sizes)
     totals = {k: sum(r.get(k, 0) for r in written) for k in
-              ("json_rewritten", "json_added", "json_unreadable", "repeats_dropped")}
+              ("json_rewritten", "json_added", "json_unreadable", "repeats_dropped", "unsafe_members_dropped")}
     summary.update({
         "shards_written": len(written), "shards_skipped": len(done), "resumed": resuming,
         "removed_stale_files": len(removed),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import CurateError
 from .tario import (BLOCK, END_OF_ARCHIVE, RECORD, Source, check_header, header_for, member_bytes, members_of,
-                    split_name)
+                    split_name, unsafe_name)
 
 RUN_BYTES = 8 << 20          # contiguous samples read into memory (compressed sources) per step
 KERNEL_RUN_BYTES = 64 << 20  # contiguous samples handed to copy_file_range per call
@@ -141,8 +141,14 @@ def _rewrite(buf: memoryview, row: tuple, counts: dict) -> bytes:
         raise CurateError(f"{path}: cannot parse the members of key {key!r} at its recorded range: {exc}") from None
     for m in members:
         if not m.isreg:
-            parts.append(bytes(buf[m.h0:m.end]))  # directories and links are not sample members; carried as they are
+            # links, devices and directories are never sample members, and a link in a shard is a
+            # hazard to whoever extracts it: not written (ingest rejects records holding one)
+            counts["unsafe_members_dropped"] += 1
             continue
+        why = unsafe_name(m.name)
+        if why:
+            raise CurateError(f"{path}: member {m.name[:200]!r} of key {key!r}: {why}; not written (re-ingest "
+                              "the shard with this curate version, which rejects such records)")
         k, ext = split_name(m.name)
         if k != key:
             raise CurateError(f"{path}: member {m.name!r} inside the recorded range of key {key!r}; "
@@ -199,12 +205,23 @@ def _replace_into(final: Path, *, fsync: bool):
 
 def write_shard(task: dict) -> dict:
     """Write `task['name']` into `task['out_dir']`; returns its stats (also saved beside it)."""
+    try:
+        return _write_shard(task)
+    except OSError as exc:
+        if exc.filename is None:  # os.write and copy_file_range name no file: say which shard
+            raise OSError(exc.errno, exc.strerror or str(exc), str(Path(task["out_dir"]) / task["name"])) from None
+        raise
+
+
+def _write_shard(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     name: str = task["name"]
     rows: list[tuple] = task["rows"]
     check_all = set(task.get("check_all", ()))
+    parse_members = set(task.get("parse_members", ()))
     t0 = time.perf_counter()
-    counts = {"renamed": 0, "json_rewritten": 0, "json_added": 0, "json_unreadable": 0, "repeats_dropped": 0}
+    counts = {"renamed": 0, "json_rewritten": 0, "json_added": 0, "json_unreadable": 0, "repeats_dropped": 0,
+              "unsafe_members_dropped": 0}
     sources = _Sources()
     buf = bytearray()  # grown on first use: kernel-copied runs never pass through it
     read = 0
@@ -216,7 +233,7 @@ def write_shard(task: dict) -> dict:
                 i, n = 0, len(rows)
                 while i < n:
                     uid, path, off, end, key, out_key, drop, patch = rows[i]
-                    plain = key == out_key and not drop and patch is None
+                    plain = key == out_key and not drop and patch is None and path not in parse_members
                     src = sources.get(path)
                     j, run_end = i + 1, end
                     if plain:  # extend over the following rows that continue this one in the source

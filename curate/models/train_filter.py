@@ -74,14 +74,16 @@ def samples_from_workspace(manifest, run_id: int | None, stage) -> list[TrustedS
 def _collate_all(samples: list[TrustedSample], collator, batch: int = 256):
     """Decode + preprocess + tokenise every sample once: uint8 images and tokens of the ok rows."""
     imgs, toks = [], []
-    handles: dict[str, object] = {}
+    from ..export.tario import Source
+
+    handles: dict[str, Source] = {}  # reads compressed shards too (their offsets are in the inflated stream)
     with console.progress() as bar:
         task = bar.add_task("decode trusted set", total=len(samples))
         for start in range(0, len(samples), batch):
             chunk = samples[start:start + batch]
             items = []
             for s in chunk:
-                fh = handles.get(s.path) or handles.setdefault(s.path, open(s.path, "rb"))
+                fh = handles.get(s.path) or handles.setdefault(s.path, Source(s.path))
                 items.append((None, read_member(fh, s.offset, s.end, s.ext), s.caption))
             pb = collator(items)
             (gkey,) = pb.images.keys()

@@ -51,6 +51,7 @@ class Decoded:
     detail: Optional[str] = None        # the decoder's message, for sample_issues.detail
     source_size: Optional[tuple[int, int]] = None   # (w, h) as displayed, before draft scaling
     draft_scale: int = 1                # 1, 2, 4 or 8
+    warnings: tuple[str, ...] = ()      # what the decoder warned about (recorded as decode_warning)
 
     @property
     def ok(self) -> bool:
@@ -116,10 +117,11 @@ def decode_image(data: bytes | bytearray | memoryview | None, *, max_pixels: int
         return _fail("missing_image")
     if len(data) == 0:
         return _fail("not_an_image", "empty")
-    with warnings.catch_warnings():
-        # PIL warns (and above 2x its limit raises) on big headers; our own bound decides below.
+    with warnings.catch_warnings(record=True) as caught:
+        # Every warning is caught (none reaches stderr) and returned with the image, to be
+        # recorded; PIL's bomb warning is left out: our own bound decides below.
+        warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        warnings.simplefilter("ignore", UserWarning)  # corrupt-EXIF and palette notices
         try:
             im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError as exc:
@@ -145,7 +147,9 @@ def decode_image(data: bytes | bytearray | memoryview | None, *, max_pixels: int
             im.load()
             if orientation != 1:
                 im = ImageOps.exif_transpose(im)  # before mode conversion, which may drop EXIF
-            return Decoded(_to_rgb(im), None, None, shown, scale)
+            rgb = _to_rgb(im)
+            said = tuple(dict.fromkeys(f"{w.category.__name__}: {w.message}"[:200] for w in caught))
+            return Decoded(rgb, None, None, shown, scale, said)
         except MemoryError as exc:
             return _fail("decompression_bomb", f"MemoryError: {exc}")
         except Exception as exc:

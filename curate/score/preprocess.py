@@ -254,6 +254,7 @@ class PreparedBatch:
     images: dict[str, torch.Tensor]
     tokens: dict[str, torch.Tensor]
     draft_scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    warnings: list[Optional[str]] = field(default_factory=list)  # per row: what the decoder warned, or None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -301,6 +302,7 @@ class SampleCollator:
         reasons: list[Optional[str]] = [None] * n
         details: list[Optional[str]] = [None] * n
         scales = np.zeros(n, dtype=np.int8)
+        said: list[Optional[str]] = [None] * n
         decoded: list[Image.Image] = []
         for i, (_, data, _) in enumerate(samples):
             d = self.decode(data)
@@ -308,6 +310,8 @@ class SampleCollator:
                 ok[i] = True
                 scales[i] = d.draft_scale
                 decoded.append(d.image)
+                if d.warnings:
+                    said[i] = "; ".join(d.warnings)[:300]
             else:
                 reasons[i], details[i] = d.reason, d.detail
         images: dict[str, torch.Tensor] = {}
@@ -321,7 +325,7 @@ class SampleCollator:
         captions = ["" if c is None else str(c) for (_, _, c) in samples]
         tokens = {key: tok(captions) for key, tok in self.tokenizers.items()}
         return PreparedBatch(keys=[s[0] for s in samples], ok=ok, reasons=reasons, details=details,
-                             images=images, tokens=tokens, draft_scales=scales)
+                             images=images, tokens=tokens, draft_scales=scales, warnings=said)
 
 
 class _ListDataset(torch.utils.data.Dataset):

@@ -33,6 +33,7 @@ import torch
 from .. import console
 from ..embeddings import EmbeddingRef, register
 from ..errors import UsageError
+from ..export.tario import Source
 from ..workspace import atomic_path, atomic_save_npy
 
 FLIP_SUFFIX = ":flip"
@@ -90,10 +91,13 @@ def plan_jobs(manifest, scorer_names: list[str], *, flip: bool, force: bool) -> 
     return jobs, n_done
 
 
-def read_member(fh, offset: int, end: int, ext: str) -> bytes | None:
-    """The `ext` member of the sample whose tar members span [offset, end)."""
-    fh.seek(offset)
-    blob = fh.read(end - offset)
+def read_member(src, offset: int, end: int, ext: str) -> bytes | None:
+    """The `ext` member of the sample whose tar members span [offset, end) of the source shard
+    `src` (an `export.tario.Source`: offsets of a compressed shard are in its inflated stream)."""
+    try:
+        blob = src.read(offset, end - offset)
+    except EOFError:
+        return None  # the shard is shorter than at ingest: the sample scores as missing_image
     try:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tf:
             for info in tf:
@@ -118,12 +122,15 @@ class ShardBatches(torch.utils.data.IterableDataset):
         for j, job in enumerate(self.jobs):
             if j % nw != wid:
                 continue
-            with open(job.path, "rb") as fh:
+            src = Source(job.path)
+            try:
                 for start in range(0, len(job.rows), self.batch_size):
                     stop = min(len(job.rows), start + self.batch_size)
-                    samples = [(i, read_member(fh, job.offsets[i], job.ends[i], job.exts[i]), job.captions[i])
+                    samples = [(i, read_member(src, job.offsets[i], job.ends[i], job.exts[i]), job.captions[i])
                                for i in range(start, stop)]
                     yield job.shard_id, np.arange(start, stop), self.collator(samples)
+            finally:
+                src.close()
 
 
 @dataclass
@@ -133,6 +140,7 @@ class _Acc:
     arrays: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
     reasons: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # per position: what the decoder warned, or None
 
 
 def _new_acc(job: ShardJob, models, flip: bool) -> _Acc:
@@ -146,6 +154,7 @@ def _new_acc(job: ShardJob, models, flip: bool) -> _Acc:
         if flip:
             acc.scores[m.name + FLIP_SUFFIX] = np.full(n, np.nan, dtype=np.float32)
     acc.reasons = [None] * n
+    acc.warnings = [None] * n
     return acc
 
 
@@ -158,21 +167,37 @@ def result_dir(ws) -> Path:
 def write_shard_outputs(ws, acc: _Acc, flip: bool) -> Path:
     """Write a finished shard's arrays atomically, and a small result file for registration."""
     job = acc.job
+    scores = {name: s.copy() for name, s in acc.scores.items()}
+    # A decoded sample whose embedding from a model is unusable (a non-finite value, or a zero
+    # vector) is recorded as `bad_embedding` with that scorer's scores NULL; the arrays hold
+    # zeros wherever a row is unusable (undecodable images included).
+    rows = np.asarray(job.rows, dtype=np.int64)
+    decoded = np.array([r is None for r in acc.reasons], dtype=bool)
+    bad_detail: list[list[str]] = [[] for _ in job.rows]
     files = []
     for (name, kind), arr in acc.arrays.items():
+        nonfinite = ~np.isfinite(arr).all(axis=1)
+        zero = ~nonfinite & ~(arr != 0).any(axis=1)  # fp16: a norm is 0 only when every value is
+        arr[nonfinite] = 0
+        bad = (nonfinite[rows] | zero[rows]) & decoded
+        for p in np.flatnonzero(bad):
+            bad_detail[p].append(f"{name} {kind}: {'non-finite values' if nonfinite[rows[p]] else 'zero vector'}")
+        for sc in {"img": [name], "img_flip": [name + FLIP_SUFFIX]}.get(kind, [name, name + FLIP_SUFFIX]):
+            if sc in scores:
+                scores[sc][bad] = np.nan
         path = ws.embedding_path(name, job.shard_id, kind)
-        atomic_save_npy(path, np.nan_to_num(arr, nan=0.0))
+        atomic_save_npy(path, arr)
         files.append({"scorer": name, "kind": kind, "path": str(path), "n_rows": arr.shape[0], "dim": arr.shape[1]})
     empty = [c is None or not str(c).strip() for c in job.captions]
-    scores = {}
-    for name, s in acc.scores.items():
-        s = s.copy()
+    for s in scores.values():
         s[np.asarray(empty, dtype=bool)] = np.nan
-        scores[name] = s
     result = pl.DataFrame({"uid": job.uids, "key": job.keys,
                            "reason": [r[0] if r else None for r in acc.reasons],
                            "detail": [r[1] if r else None for r in acc.reasons],
                            "empty_caption": empty,
+                           "bad_embedding": pl.Series([("; ".join(d) if d else None) for d in bad_detail],
+                                                      dtype=pl.Utf8),
+                           "decode_warning": pl.Series(acc.warnings, dtype=pl.Utf8),
                            **{f"score::{k}": v for k, v in scores.items()}})
     out = result_dir(ws) / f"{job.shard_id:08d}.parquet"
     # The parquet is written last: its presence means the shard's outputs are complete.
@@ -188,7 +213,10 @@ def register_shard(manifest, ws, shard_id: int, run_id: int, scorer_rows: list[d
     rpath = result_dir(ws) / f"{shard_id:08d}.parquet"
     files = json.loads(rpath.with_suffix(".files.json").read_text())
     res = pl.read_parquet(rpath)
-    counts = {"failed": 0, "empty_caption": 0}
+    counts = {"failed": 0, "empty_caption": 0, "bad_embedding": 0}
+    for col in ("bad_embedding", "decode_warning"):
+        if col not in res.columns:  # written by an older version
+            res = res.with_columns(pl.lit(None, pl.Utf8).alias(col))
     with manifest.transaction():
         for s in scorer_rows:
             manifest.execute("INSERT OR IGNORE INTO scorers (name, kind, spec, dim, params, run_id, created_at) "
@@ -203,19 +231,27 @@ def register_shard(manifest, ws, shard_id: int, run_id: int, scorer_rows: list[d
                 name = col[len("score::"):]
                 manifest.execute("DELETE FROM scores WHERE scorer = ? AND uid IN (SELECT uid FROM _res)", [name])
                 manifest.execute(f'INSERT INTO scores SELECT ?, uid, "{col}"::FLOAT FROM _res', [name])
-                manifest.execute("UPDATE scores SET score = NULL WHERE scorer = ? AND isnan(score) "
+                manifest.execute("UPDATE scores SET score = NULL WHERE scorer = ? AND NOT isfinite(score) "
                                  "AND uid IN (SELECT uid FROM _res)", [name])
-            manifest.execute("DELETE FROM sample_issues WHERE shard_id = ? AND action = 'unscored'", [shard_id])
+            manifest.execute("DELETE FROM sample_issues WHERE shard_id = ? AND (action = 'unscored' OR "
+                             "reason = 'decode_warning')", [shard_id])
+            manifest.execute(
+                "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'decode_warning', 'warning', decode_warning "
+                "FROM _res WHERE decode_warning IS NOT NULL", [run_id, shard_id])
             manifest.execute(
                 "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'undecodable', 'unscored', "
                 "reason || coalesce(': ' || detail, '') FROM _res WHERE reason IS NOT NULL", [run_id, shard_id])
             manifest.execute(
                 "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'empty_caption', 'unscored', "
                 "'no caption to score' FROM _res WHERE empty_caption AND reason IS NULL", [run_id, shard_id])
+            manifest.execute(
+                "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'bad_embedding', 'unscored', bad_embedding "
+                "FROM _res WHERE bad_embedding IS NOT NULL AND reason IS NULL", [run_id, shard_id])
         finally:
             manifest.con.unregister("_res")
     counts["failed"] = int(res["reason"].is_not_null().sum())
     counts["empty_caption"] = int((res["empty_caption"] & res["reason"].is_null()).sum())
+    counts["bad_embedding"] = int((res["bad_embedding"].is_not_null() & res["reason"].is_null()).sum())
     rpath.unlink(missing_ok=True)
     rpath.with_suffix(".files.json").unlink(missing_ok=True)
     return counts
@@ -256,6 +292,9 @@ def score_jobs(ws, jobs: list[ShardJob], models, opts: ScoreOptions, on_shard_do
         for p, r, d in zip(positions, batch.reasons, batch.details):
             if r is not None:
                 acc.reasons[p] = (r, d)
+        for p, w in zip(positions, batch.warnings or ()):
+            if w is not None:
+                acc.warnings[p] = w
         acc.filled += len(positions)
         if on_batch:
             on_batch(len(positions))
@@ -297,7 +336,7 @@ def run_score(ws, manifest, specs, *, device: str, cache_dir, opts: ScoreOptions
     scorer_rows = [{"name": m.name, "kind": m.spec.kind, "spec": m.spec.canonical, "dim": m.embed_dim,
                     "params": json.dumps(m.describe(), default=str)} for m in probe]
     del probe
-    stats = {"failed": 0, "empty_caption": 0}
+    stats = {"failed": 0, "empty_caption": 0, "bad_embedding": 0}
     # Shards whose outputs were written but not registered before an interruption: register them.
     recovered = 0
     for p in sorted(result_dir(ws).glob("*.parquet")):
@@ -359,6 +398,7 @@ def run_score(ws, manifest, specs, *, device: str, cache_dir, opts: ScoreOptions
     return {"scorers": names, "device": str(devices[0]) if len(devices) == 1 else [str(d) for d in devices],
             "shards_scored": len(jobs), "shards_already_done": n_done - recovered, "shards_recovered": recovered,
             "samples_scored": n_scored, "undecodable": stats["failed"], "empty_captions": stats["empty_caption"],
+            "bad_embeddings": stats["bad_embedding"],
             "seconds": round(seconds, 2), "samples_per_s": round(n_scored / seconds, 1) if seconds else None}
 
 

@@ -1,9 +1,10 @@
 """Turn SOURCE arguments (files, folders, globs) into shard units with a detected format.
 
-Rules: `*.tar` (also .tar.gz/.tgz) → wds; `<stem>.parquet` with a sibling `<stem>.npz` → datacomp
+Rules: `*.tar` (also .tar.gz/.tgz, .tar.bz2, .tar.xz; .tar.zst is refused by the reader) → wds; `<stem>.parquet` with a sibling `<stem>.npz` → datacomp
 (a parquet with DataComp's columns but no npz too); other `*.parquet|csv|tsv|jsonl|json` → urls.
 A folder is expanded to the files it holds (not recursively), skipping img2dataset sidecars
-(`NNNNN.parquet` beside `NNNNN.tar`, `*_stats.json`) and curate's own `_truth.parquet`.
+(`NNNNN.parquet` beside `NNNNN.tar`, `*_stats.json`) and curate's own `_truth.parquet`; any
+other file it holds that is not a shard is reported as skipped (`skipped`), never fatal.
 URL lists in other forms (`.txt`, `.csv.gz`, ...) are taken when named explicitly or with `--format urls`.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..errors import UsageError
 
 FORMATS = ("wds", "datacomp", "urls")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.zstd")
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json", ".ndjson")
 DATACOMP_COLUMNS = {"uid", "text", "original_width", "original_height"}
 
@@ -26,6 +27,7 @@ class ShardUnit:
     path: Path          # the tar, the DataComp parquet, or the URL table
     format: str
     npz: Path | None = None  # DataComp: the row-aligned embeddings
+    in_folder: bool = False  # found by expanding a folder (not named): a misfit is skipped, not fatal
 
 
 def _is_tar(p: Path) -> bool:
@@ -76,7 +78,7 @@ def _classify_file(p: Path, forced: str | None, siblings: set[str], explicit: bo
     if name == "_truth.parquet" or name.endswith("_stats.json"):
         return None
     npz = p.with_name(stem + ".npz")
-    if name.endswith(".parquet") and (stem + ".tar") in siblings and forced != "urls":
+    if name.endswith(".parquet") and any((stem + t) in siblings for t in TAR_SUFFIXES) and forced != "urls":
         return None  # img2dataset's per-shard status table, read with its tar
     if forced == "wds":
         return None
@@ -88,8 +90,20 @@ def _classify_file(p: Path, forced: str | None, siblings: set[str], explicit: bo
     return ShardUnit(p, "urls")
 
 
-def expand_sources(sources: list[str | Path], fmt: str | None = None) -> list[ShardUnit]:
-    """Expand and classify; one clear error for a source that does not exist or holds nothing."""
+def _sidecar_of_folder(p: Path, names: set[str]) -> bool:
+    """Files a folder of shards holds beside them that are read with them, not on their own."""
+    name = p.name
+    if name == "_truth.parquet" or name.endswith("_stats.json"):
+        return True
+    if name.endswith(".npz"):
+        return (_stem(p) + ".parquet") in names
+    return name.endswith(".parquet") and any((_stem(p) + s) in names for s in TAR_SUFFIXES)
+
+
+def expand_sources(sources: list[str | Path], fmt: str | None = None,
+                   skipped: list[tuple[str, str]] | None = None) -> list[ShardUnit]:
+    """Expand and classify; one clear error for a source that does not exist or holds nothing.
+    Files of a folder that are not shards are appended to `skipped` as (path, why)."""
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
     units: list[ShardUnit] = []
@@ -102,7 +116,18 @@ def expand_sources(sources: list[str | Path], fmt: str | None = None) -> list[Sh
             if p.is_dir():
                 files = sorted(x for x in p.iterdir() if x.is_file())
                 names = {x.name for x in files}
-                found = [u for u in (_classify_file(x, fmt, names) for x in files) if u is not None]
+                found = []
+                for x in files:
+                    try:
+                        u = _classify_file(x, fmt, names)
+                    except UsageError as exc:  # e.g. a tar in a folder ingested as --format datacomp
+                        if skipped is not None:
+                            skipped.append((str(x), str(exc)))
+                        continue
+                    if u is not None:
+                        found.append(ShardUnit(u.path, u.format, u.npz, in_folder=True))
+                    elif skipped is not None and not _sidecar_of_folder(x, names):
+                        skipped.append((str(x), f"not a shard curate ingests{f' as --format {fmt}' if fmt else ''}"))
                 if not found:
                     raise UsageError(f"{p} holds no tar shards, DataComp metadata or URL tables")
                 units.extend(found)

@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from .. import console
 from ..embeddings import EmbeddingRef, register
 from ..errors import UsageError
-from ..uids import wds_uid
+from ..uids import UID_SPACE, wds_uid
 from .detect import ShardUnit, expand_sources
+from .wds import ReadLimits
 
 BATCH_ROWS = 65536
 
@@ -49,13 +50,17 @@ class IngestSummary:
     samples_attached: int = 0  # pending URL-table samples that a downloaded shard now holds
     rejected: int = 0
     warnings: int = 0
+    bad_embeddings: int = 0  # DataComp samples with an unusable embedding (`bad_embedding`, unscored)
+    bad_scores: int = 0      # DataComp score values that were not finite numbers (`bad_score` warnings)
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    not_shards: list[tuple[str, str]] = field(default_factory=list)  # files of a folder left out, and why
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("failures", "skipped")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("failures", "skipped", "not_shards")}
         d["failures"] = [{"path": p, "error": e} for p, e in self.failures]
+        d["files_skipped"] = [{"path": p, "why": w} for p, w in self.not_shards]
         return d
 
 
@@ -68,8 +73,9 @@ def _issues_frame(rows: list[tuple], run_id: int, shard_id: int) -> pl.DataFrame
 
 
 class Ingester:
-    def __init__(self, ws, manifest, run_id: int, *, replace: bool = False):
+    def __init__(self, ws, manifest, run_id: int, *, replace: bool = False, limits: ReadLimits | None = None):
         self.ws, self.m, self.run_id, self.replace = ws, manifest, run_id, replace
+        self.limits = limits or ReadLimits()
         self.summary = IngestSummary()
 
     # ---- shard bookkeeping ---------------------------------------------------------------
@@ -197,7 +203,7 @@ class Ingester:
         from .wds import read_download_status, read_wds_shard
 
         try:
-            shard = read_wds_shard(unit.path)
+            shard = read_wds_shard(unit.path, self.limits)
         except (tarfile.TarError, OSError) as exc:
             raise _ShardError(str(exc)) from None
         if shard.records == [] and shard.error and not shard.issues:
@@ -206,7 +212,8 @@ class Ingester:
             return
         recs = shard.records
         # Records rejected for want of a json uid are still named by the uid they would have had.
-        issues = [(k, u if u is not None else wds_uid(shard.fingerprint, k), r, a, d) for k, u, r, a, d in shard.issues]
+        issues = [(k, u if u is not None or k is None else wds_uid(shard.fingerprint, k), r, a, d)
+                  for k, u, r, a, d in shard.issues]
         for rec in recs:
             if rec.uid is None:
                 rec.uid = wds_uid(shard.fingerprint, rec.key)
@@ -214,8 +221,11 @@ class Ingester:
         with self.m.transaction():
             shard_id = self.m.next_shard_id()
             status = "damaged" if shard.error else "ok"
+            # members_checked: every record's members are regular files with safe names, so export
+            # may copy their byte ranges without parsing them again
+            extra = {"members_checked": 1, **({"img2dataset_stats": shard.stats} if shard.stats else {})}
             self._insert_shard_row(shard_id, unit, shard.nbytes, st.st_mtime, shard.fingerprint, status,
-                                   shard.error, {"img2dataset_stats": shard.stats} if shard.stats else None)
+                                   shard.error, extra)
             df = pl.DataFrame({
                 "uid": [r.uid for r in recs], "shard_id": [shard_id] * len(recs), "key": [r.key for r in recs],
                 "row_idx": list(range(len(recs))), "url": [r.url for r in recs],
@@ -259,7 +269,10 @@ class Ingester:
                 self.m.con.unregister("_failed")
 
     def ingest_datacomp(self, unit: ShardUnit, st: os.stat_result) -> None:
-        from .datacomp import SCORE_COLUMNS, NpzError, copy_member_to_npy, inspect_npz, scorer_for_key
+        import numpy as np
+
+        from .datacomp import (FLOAT_DTYPES, ROW_PROBLEMS, SCORE_COLUMNS, NpzError, copy_member_to_npy, inspect_npz,
+                               known_widths, npy_location, scan_rows, scorer_for_key)
 
         try:
             pf = pq.ParquetFile(unit.path)
@@ -276,27 +289,59 @@ class Ingester:
                 members = inspect_npz(unit.npz)
             except NpzError as exc:
                 raise _ShardError(str(exc)) from None
+            npz_name = unit.npz.name
             for key, mem in members.items():
                 if len(mem.shape) != 2 or mem.shape[0] != n_rows:
                     raise _ShardError(f"row-count mismatch: {unit.path.name} has {n_rows} rows but "
-                                      f"{unit.npz.name}:{key} has shape {mem.shape}")
+                                      f"{npz_name}:{key} has shape {mem.shape}")
+                if mem.dtype.kind != "f" or f"f{mem.dtype.itemsize}" not in FLOAT_DTYPES:
+                    raise _ShardError(f"bad embedding dtype: {npz_name}:{key} is {mem.dtype.name}; "
+                                      f"embeddings must be float16, float32 or float64")
+            # Widths, per scorer: DataComp's own (b32 512, l14 768, or what a synth pool declares),
+            # the width earlier files registered, and the img member's (its siblings must match).
+            widths = known_widths(unit.path.parent)
+            by_scorer: dict[str, list] = {}
+            for key, mem in members.items():
+                by_scorer.setdefault(scorer_for_key(key)[0], []).append((key, mem))
+            for scorer, mems in by_scorer.items():
+                rules = []
+                if scorer in widths:
+                    rules.append((widths[scorer], f"{scorer} embeddings are {widths[scorer]} wide"))
+                have = self.m.one("SELECT sc.dim FROM scorers sc WHERE sc.name = ? AND sc.dim IS NOT NULL AND "
+                                  "EXISTS (SELECT 1 FROM embeddings e WHERE e.scorer = sc.name)", [scorer])
+                if have is not None:
+                    rules.append((int(have[0]), f"{scorer} is {int(have[0])} wide in this workspace, from earlier files"))
+                ref_key, ref_mem = next(((k, m) for k, m in mems if scorer_for_key(k)[1] == "img"), mems[0])
+                rules.append((ref_mem.shape[1], f"its sibling {ref_key} is {ref_mem.shape[1]} wide"))
+                for key, mem in sorted(mems, key=lambda km: km[0] != ref_key):
+                    if mem.shape[1] < 1:
+                        raise _ShardError(f"embedding width mismatch: {npz_name}:{key} has no columns "
+                                          f"(shape {mem.shape})")
+                    for want, why in rules:
+                        if mem.shape[1] != want:
+                            raise _ShardError(f"embedding width mismatch: {npz_name}:{key} is {mem.shape[1]} wide, "
+                                              f"expected {want} ({why})")
         fingerprint = _file_fingerprint(unit.path, unit.npz)
         if self._skip_same_content(unit, fingerprint):
             return
         nbytes = st.st_size + (unit.npz.stat().st_size if unit.npz else 0)
         issues: list[tuple] = []
+        n_bad_embeddings = n_bad_scores = 0
         with self.m.transaction():
             shard_id = self.m.next_shard_id()
             self._insert_shard_row(shard_id, unit, nbytes, st.st_mtime, fingerprint, "ok", None,
                                    {"npz": str(unit.npz) if unit.npz else None, "npz_keys": sorted(members)})
-            # Embeddings: registered in place when stored, else streamed into the workspace.
+            # Embeddings: registered in place when stored, else streamed into the workspace; then
+            # scanned, a chunk at a time, for rows no stage can use.
             scorers_dims: dict[str, int] = {}
+            member_bad = []  # (scorer, kind, rows ascending, problem codes)
             for key, mem in members.items():
                 scorer, kind = scorer_for_key(key)
                 scorers_dims.setdefault(scorer, mem.shape[1])
                 if mem.stored and not mem.fortran_order:
                     ref = EmbeddingRef(scorer, shard_id, kind, str(unit.npz.resolve()), key, mem.data_offset,
                                        mem.dtype.str, mem.shape[0], mem.shape[1])
+                    where = (ref.path, mem.data_offset, mem.dtype, mem.shape, False)
                 else:
                     dest = self.ws.embedding_path(scorer, shard_id, kind)
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -305,11 +350,69 @@ class Ingester:
                     os.replace(tmp, dest)
                     ref = EmbeddingRef(scorer, shard_id, kind, str(dest), None, None, mem.dtype.str,
                                        mem.shape[0], mem.shape[1])
+                    offset, shape, dtype, fortran = npy_location(dest)
+                    where = (dest, offset, dtype, shape, fortran)
                 register(self.m, ref)
+                rows, codes = scan_rows(*where)
+                if len(rows):
+                    member_bad.append((scorer, kind, rows, codes))
             for scorer, dim in scorers_dims.items():
                 self.m.execute(
                     "INSERT OR IGNORE INTO scorers (name, kind, spec, dim, params, run_id, created_at) "
                     "VALUES (?, 'provided', 'DataComp metadata', ?, '{}', ?, now())", [scorer, dim, self.run_id])
+                # checked above against the embeddings already in; this only corrects a width left by
+                # files that are gone (--replace)
+                self.m.execute("UPDATE scorers SET dim = ? WHERE name = ? AND kind = 'provided'", [dim, scorer])
+            bad_by_scorer = {sc: np.unique(np.concatenate([r for s, _, r, _ in member_bad if s == sc]))
+                             for sc in {s for s, _, _, _ in member_bad}}
+
+            def bad_embedding_details(lo: int, hi: int) -> pl.DataFrame:
+                """(row_idx, detail) of the rows in [lo, hi) with an unusable embedding, one row each."""
+                parts = []
+                for scorer, kind, rows, codes in member_bad:
+                    a, b = np.searchsorted(rows, [lo, hi])
+                    if a == b:
+                        continue
+                    text = np.array([""] + [f"{scorer} {kind}: {ROW_PROBLEMS[c]}" for c in sorted(ROW_PROBLEMS)],
+                                    dtype=object)
+                    parts.append(pl.DataFrame({"row_idx": rows[a:b], "detail": text[codes[a:b]].tolist()},
+                                              schema={"row_idx": pl.Int64, "detail": pl.Utf8}))
+                if not parts:
+                    return pl.DataFrame(schema={"row_idx": pl.Int64, "detail": pl.Utf8})
+                return (pl.concat(parts).group_by("row_idx", maintain_order=True)
+                        .agg(pl.col("detail").str.join("; ")))
+
+            def clean_scores(col: pl.Series) -> tuple[pl.Series, pl.Series]:
+                """(float32 scores, NULL where not a finite number; the `bad_score` detail of each value
+                that was given but is not a finite number, else NULL). Mistyped columns lose only
+                the values that are not numbers."""
+                dt = col.dtype
+                if dt.is_numeric():
+                    num = col.cast(pl.Float64)
+                elif dt == pl.Utf8 or dt == pl.Categorical or isinstance(dt, pl.Enum):
+                    num = col.cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
+                else:
+                    num = pl.Series(col.name, [None] * len(col), dtype=pl.Float64)
+                score = num.cast(pl.Float32)  # beyond float32's range: inf, caught below
+                bad = (col.is_not_null() & ~score.is_finite().fill_null(False)).fill_null(False)
+                detail = pl.Series("detail", [None] * len(col), dtype=pl.Utf8)
+                if bad.any():
+                    idx = bad.arg_true()
+                    shown = [repr(v)[:80] if isinstance(v, (str, bytes)) else str(v)[:80]
+                             for v in col.gather(idx).to_list()]
+                    detail = detail.scatter(idx, pl.Series([f"{col.name} = {v} is not a finite number"
+                                                            for v in shown], dtype=pl.Utf8))
+                    score = score.scatter(idx, None)
+                return score, detail
+
+            def insert_issues(frame: pl.DataFrame, reason: str, action: str) -> None:
+                """frame: row_idx, uid, detail."""
+                self.m.insert_arrow("sample_issues", frame.select(
+                    pl.lit(self.run_id, pl.Int64).alias("run_id"), pl.lit(shard_id, pl.Int64).alias("shard_id"),
+                    pl.col("row_idx").cast(pl.Utf8).alias("key"), pl.col("uid").cast(pl.Utf8),
+                    pl.lit(reason, pl.Utf8).alias("reason"), pl.lit(action, pl.Utf8).alias("action"),
+                    pl.col("detail").cast(pl.Utf8)).to_arrow())
+
             score_cols = [c for c in SCORE_COLUMNS if c in names]
             cols = ["uid", text_col] + [c for c in ("url", "original_width", "original_height", "sha256") if c in names]
             start = 0
@@ -317,8 +420,9 @@ class Ingester:
                 b = pl.from_arrow(batch)
                 n = b.height
                 b = b.with_columns(pl.int_range(start, start + n, dtype=pl.Int64).alias("row_idx"))
+                lo, hi = start, start + n
                 start += n
-                uid_norm = pl.col("uid").cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+                uid_norm = pl.col("uid").cast(pl.Utf8).str.strip_chars(UID_SPACE).str.to_lowercase()
                 b = b.with_columns(uid_norm.alias("_uid"), pl.col("uid").cast(pl.Utf8).alias("_uid_raw"))
                 bad = b.filter(pl.col("_uid").is_null() | ~pl.col("_uid").str.contains(r"^[0-9a-f]{32}$"))
                 if bad.height:
@@ -345,15 +449,36 @@ class Ingester:
                     pl.lit(None, pl.Int64).alias("tar_end"), pl.lit("ok").alias("status"),
                 )
                 inserted = self._add_samples(shard_id, df, issues)
-                if score_cols and inserted.height:
+                if not inserted.height:
+                    continue
+                # Samples with an unusable embedding stay (caption, url and size are fine), each with
+                # one `bad_embedding` issue; their scores of that scorer are NULL.
+                if member_bad:
+                    hit = inserted.select("row_idx", "uid").join(bad_embedding_details(lo, hi), on="row_idx")
+                    if hit.height:
+                        insert_issues(hit, "bad_embedding", "unscored")
+                        n_bad_embeddings += hit.height
+                if score_cols:
                     kept = b.join(inserted.select("row_idx"), on="row_idx", how="semi")
+                    rows = kept["row_idx"].to_numpy()
                     for c in score_cols:
-                        self.m.insert_arrow("scores", kept.select(
-                            pl.lit(SCORE_COLUMNS[c]).alias("scorer"), pl.col("_uid").alias("uid"),
-                            pl.col(c).cast(pl.Float32).alias("score")).to_arrow())
+                        score, detail = clean_scores(kept[c])
+                        emb_bad = bad_by_scorer.get(SCORE_COLUMNS[c])
+                        if emb_bad is not None:
+                            score = score.scatter(np.flatnonzero(np.isin(rows, emb_bad)), None)
+                        self.m.insert_arrow("scores", pl.DataFrame({
+                            "scorer": pl.repeat(SCORE_COLUMNS[c], kept.height, dtype=pl.Utf8, eager=True),
+                            "uid": kept["_uid"], "score": score}).to_arrow())
+                        bad_score = detail.is_not_null()
+                        if bad_score.any():
+                            insert_issues(kept.select("row_idx", pl.col("_uid").alias("uid"))
+                                          .with_columns(detail).filter(bad_score), "bad_score", "warning")
+                            n_bad_scores += int(bad_score.sum())
             self._add_issues(shard_id, issues)
             self._finish_shard_row(shard_id)
-        self.summary.warnings += sum(1 for i in issues if i[3] == "warning")
+        self.summary.warnings += sum(1 for i in issues if i[3] == "warning") + n_bad_scores
+        self.summary.bad_embeddings += n_bad_embeddings
+        self.summary.bad_scores += n_bad_scores
 
     def ingest_urls(self, unit: ShardUnit, st: os.stat_result) -> None:
         from .urls import read_url_table
@@ -396,8 +521,14 @@ class Ingester:
                 self.summary.shards_ingested += 1
         except _ShardError as exc:
             self._record_failure(unit, str(exc), st)
-        except UsageError:
-            raise
+        except UsageError as exc:
+            if not unit.in_folder:
+                raise
+            # a file found in a folder that turns out not to be a shard (a stray JSON beside the
+            # tars): reported and left out, the rest of the folder goes on
+            self.summary.shards_seen -= 1
+            self.summary.not_shards.append((str(unit.path), str(exc)))
+            console.warn(f"{unit.path}: skipped, not a shard ({exc})")
         except (OSError, ValueError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
             self._record_failure(unit, f"{type(exc).__name__}: {exc}", st)
 
@@ -420,9 +551,14 @@ def _file_fingerprint(*paths: Path | None) -> str:
     return h.hexdigest()
 
 
-def ingest_paths(ws, manifest, sources: list, fmt: str | None, run_id: int, *, replace: bool = False) -> IngestSummary:
-    units = expand_sources(sources, fmt)
-    ing = Ingester(ws, manifest, run_id, replace=replace)
+def ingest_paths(ws, manifest, sources: list, fmt: str | None, run_id: int, *, replace: bool = False,
+                 limits: ReadLimits | None = None) -> IngestSummary:
+    not_shards: list[tuple[str, str]] = []
+    units = expand_sources(sources, fmt, skipped=not_shards)
+    ing = Ingester(ws, manifest, run_id, replace=replace, limits=limits)
+    ing.summary.not_shards.extend(not_shards)
+    for path, why in not_shards:
+        console.warn(f"{path}: skipped, {why}")
     t0 = time.perf_counter()
     with console.progress() as bar:
         task = bar.add_task("ingest", total=len(units))

@@ -3,29 +3,90 @@
 Members are grouped by key the webdataset way: the key is the member path up to the first
 dot of its file name, the extension is the rest (lower-cased). For every record we keep the
 metadata and the tar byte range (so export can copy members byte for byte) but never hold
-more than one record's bytes. The shard's SHA-256 fingerprint is computed in the same pass.
+more than one record's bytes, and never a member over `ReadLimits.max_member_bytes`. The
+shard's SHA-256 fingerprint is computed in the same pass. Plain, gzip, bzip2 and xz tars are
+read; zstd is refused with a clear error.
 
-Per-record problems become issues: `missing_image`, `not_an_image` (rejected: there is
-nothing to train on), `missing_caption`, `caption_not_utf8`, `bad_json`, `bad_uid`
-(warnings: the sample is kept and the problem noted). A truncated or corrupt tar keeps the
-complete records read before the damage and reports the damage for the shard.
+Per-record problems become issues. Rejected (nothing to train on, or unsafe to pass on):
+`missing_image`, `not_an_image`, `decompression_bomb`, `image_too_large`, `member_too_large`,
+`unsafe_member_name`, `unsafe_member`, `truncated_record`, `tar_damaged`, `inflated_too_large`. Warnings (the sample
+is kept and the problem noted): `missing_caption`, `caption_not_utf8`, `bad_json`, `bad_uid`,
+`image_warning` (what Pillow warned about the image's header).
+
+Damage. tarfile stops silently at a header whose checksum is wrong, so headers are watched
+(`_HeaderWatch`) and reading resynchronises at the next valid header, as GNU tar does. The
+damaged region goes into the shard's `error`; a record that may have lost a member to it (the
+one being read when the damage began, the first one after it) is kept only if it has the
+members the shard's other records have, else rejected as `tar_damaged`; anything else that
+vanished in the damage cannot be named and is recorded as one key-less `tar_damaged` issue.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import io
 import json
+import re
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from ..export.tario import unsafe_name
 from ..uids import normalise_uid
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _HEADER_PROBE_BYTES = 1 << 16
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+# Pillow's default bound (Image.MAX_IMAGE_PIXELS), as `curate score` uses (score/decode.py).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what one shard may make ingest hold or do (docs/ingest.md, "Limits")."""
+
+    max_member_bytes: int = 64 << 20
+    # A compressed shard may inflate to at most this many bytes: an int, or a factor of its
+    # compressed size ("100x", at least 1 GiB then).
+    max_inflated: int | str = "100x"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def inflated_limit(self, compressed_bytes: int) -> int:
+        v = self.max_inflated
+        if isinstance(v, str) and v.lower().endswith("x"):
+            return max(1 << 30, int(float(v[:-1]) * compressed_bytes))
+        return int(v)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str, *, allow_factor: bool = False) -> int | str:
+    """'64MiB', '500MB', '2G', '1048576' -> bytes; with `allow_factor`, '100x' stays a factor.
+    Raises ValueError with a message fit for the user."""
+    t = str(text).strip().lower().replace(" ", "")
+    if allow_factor and t.endswith("x"):
+        try:
+            f = float(t[:-1])
+        except ValueError:
+            f = -1.0
+        if f >= 1:
+            return t
+        raise ValueError(f"{text!r}: a factor is a number >= 1 followed by x (e.g. 100x)")
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)([a-z]*)", t)
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 64MiB, 500MB, 2GiB{', 100x' if allow_factor else ''})")
+    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if n <= 0:
+        raise ValueError(f"{text!r}: a size must be positive")
+    return n
 
 
 class _HashingReader(io.RawIOBase):
@@ -47,10 +108,55 @@ class _HashingReader(io.RawIOBase):
         return n or 0
 
     def drain(self) -> None:
-        """Hash the rest of the file (tarfile stops at the end-of-archive marker)."""
+        """Hash the rest of the file (reading may stop before its end)."""
         buf = bytearray(1 << 20)
         while self.readinto(buf):
             pass
+
+
+class _InflatedTooFar(Exception):
+    def __init__(self, offset: int):
+        self.offset = offset
+
+
+class _HeaderWatch(tarfile.TarInfo):
+    """Records the header problems tarfile passes over (with `ignore_zeros` it skips zero and
+    invalid blocks; without, it would stop at the first bad checksum and say nothing), and
+    stops a compressed shard that inflates past its limit."""
+
+    limit: int | None = None   # set on a per-shard subclass (`watching`)
+    events: list = []
+
+    @classmethod
+    def watching(cls, limit: int | None) -> type:
+        """A subclass for one shard: tarfile reads the first header inside open(), so the limit
+        and the event list must be in place before it."""
+        return type("_ShardHeaderWatch", (cls,), {"limit": limit, "events": []})
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        if cls.limit is not None and tf.offset >= cls.limit:
+            raise _InflatedTooFar(tf.offset)
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:
+            cls._note(tf.offset, "zero", "")
+            raise
+        except tarfile.InvalidHeaderError as exc:
+            cls._note(tf.offset, "invalid", str(exc))
+            raise
+        except tarfile.TruncatedHeaderError as exc:
+            cls._note(tf.offset, "truncated", str(exc))
+            raise
+
+    @classmethod
+    def _note(cls, offset: int, kind: str, msg: str) -> None:
+        """One event per run of skipped blocks of a kind (a damaged 1 GB member is 2M blocks)."""
+        ev = cls.events
+        if ev and ev[-1][1] == kind and ev[-1][3] == offset - tarfile.BLOCKSIZE:
+            ev[-1] = (ev[-1][0], kind, ev[-1][2], offset)
+        else:
+            ev.append((offset, kind, msg, offset))
 
 
 @dataclass
@@ -72,11 +178,12 @@ class WdsRecord:
 @dataclass
 class WdsShard:
     records: list[WdsRecord]
-    issues: list[tuple[str, str | None, str, str, str]]  # (key, uid, reason, action, detail)
+    issues: list[tuple[str | None, str | None, str, str, str]]  # (key, uid, reason, action, detail)
     fingerprint: str
     nbytes: int
-    error: str | None = None  # set when the tar is damaged: records before the damage are kept
+    error: str | None = None  # set when the tar is damaged; see the module docstring
     stats: dict | None = None  # img2dataset's NNNNN_stats.json, when present
+    compressed: bool = False
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -88,32 +195,94 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[: slash + 1] + base[:dot], base[dot + 1:].lower()
 
 
-def _probe_size(data: bytes) -> tuple[int, int] | None:
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"symbolic link to {info.linkname[:120]!r}"
+    if info.islnk():
+        return f"hard link to {info.linkname[:120]!r}"
+    if info.ischr() or info.isblk():
+        return "device file"
+    if info.isfifo():
+        return "FIFO"
+    if info.issparse():
+        return "sparse file"
+    return f"tar member of type {info.type!r}"
+
+
+@contextlib.contextmanager
+def _header_only():
+    """Pillow's own bomb check off while only the header is read (nothing is decoded here, and
+    `max_pixels` is checked on the size the header announces); ingest is single-threaded."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(io.BytesIO(data[:_HEADER_PROBE_BYTES] if len(data) > _HEADER_PROBE_BYTES else data)) as im:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _probe(data: bytes, max_pixels: int) -> tuple[tuple[int, int] | None, str | None, str | None, list[str]]:
+    """(size, reason, detail, warnings) from the image header; no full decode."""
+    caught: list[str] = []
+
+    def open_size(b: bytes):
+        with Image.open(io.BytesIO(b)) as im:
             return im.size
-    except Image.DecompressionBombError:
-        return None
-    except Exception:
-        # Some formats need more than the probe window for their header; retry on the whole payload.
-        if len(data) > _HEADER_PROBE_BYTES:
+
+    with warnings.catch_warnings(record=True) as rec, _header_only():
+        warnings.simplefilter("always")
+        try:
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    return im.size
+                size = open_size(data[:_HEADER_PROBE_BYTES] if len(data) > _HEADER_PROBE_BYTES else data)
+            except Image.DecompressionBombError:
+                raise
             except Exception:
-                return None
-        return None
+                # Some formats need more than the probe window for their header: the whole payload.
+                if len(data) <= _HEADER_PROBE_BYTES:
+                    raise
+                size = open_size(data)
+        except Image.DecompressionBombError as exc:
+            return None, "decompression_bomb", str(exc)[:300], caught
+        except Exception:
+            return None, "not_an_image", None, caught
+        for w in rec:
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                continue  # decided below, by our own bound
+            msg = f"{w.category.__name__}: {w.message}"[:300]
+            if msg not in caught:
+                caught.append(msg)
+    w, h = size
+    if w <= 0 or h <= 0:
+        return None, "not_an_image", f"invalid size {w}x{h}", caught
+    if w * h > max_pixels:
+        return size, "decompression_bomb", f"{w}x{h} = {w * h:,} pixels > the limit of {max_pixels:,}", caught
+    return size, None, None, caught
 
 
 def _int_or_none(v) -> int | None:
     try:
         return int(v) if v is not None and v != "" else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
-def _finish_record(key: str, members: dict[str, bytes], offset: int, end: int, issues: list) -> WdsRecord | None:
-    rec = WdsRecord(key=key, members=sorted(members), tar_offset=offset, tar_end=end)
+@dataclass
+class _Group:
+    """The members of one key being read."""
+
+    key: str
+    offset: int
+    end: int = 0
+    data: dict[str, bytes] = field(default_factory=dict)
+    exts: list[str] = field(default_factory=list)  # every member's extension, in order
+    unsafe: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail)
+    too_large: list[tuple[str, int]] = field(default_factory=list)  # (ext, size)
+    near_damage: str | None = None
+
+
+def _finish_record(g: _Group, issues: list, limits: ReadLimits) -> WdsRecord | None:
+    key, members = g.key, g.data
+    rec = WdsRecord(key=key, members=sorted(set(g.exts)), tar_offset=g.offset, tar_end=g.end)
     meta: dict = {}
     if "json" in members:
         try:
@@ -130,17 +299,33 @@ def _finish_record(key: str, members: dict[str, bytes], offset: int, end: int, i
     url = meta.get("url")
     rec.url = str(url) if url is not None else None
 
-    img_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    def reject(reason: str, detail: str) -> None:
+        issues.append((key, rec.uid, reason, "rejected", detail[:300]))
+
+    if g.unsafe:
+        reject(*g.unsafe[0])
+        return None
+    big = [(e, n) for e, n in g.too_large]
+    img_ext = next((e for e in IMAGE_EXTS if e in members or any(e == b for b, _ in big)), None)
+    if big:
+        ext, n = big[0]
+        reason = "image_too_large" if any(e == img_ext for e, _ in big) else "member_too_large"
+        if reason == "image_too_large":
+            ext, n = next((e, s) for e, s in big if e == img_ext)
+        reject(reason, f"{ext} member of {n:,} bytes is over the limit of {limits.max_member_bytes:,} "
+                       "(ingest --max-member-size)")
+        return None
     if img_ext is None:
-        issues.append((key, rec.uid, "missing_image", "rejected", f"members: {','.join(sorted(members)) or 'none'}"))
+        reject("missing_image", f"members: {','.join(rec.members) or 'none'}")
         return None
     data = members[img_ext]
     rec.image_ext, rec.image_bytes = img_ext, len(data)
-    size = _probe_size(data)
-    if size is None:
-        head = data[:16]
-        issues.append((key, rec.uid, "not_an_image", "rejected", f"{img_ext} member of {len(data)} bytes starting {head!r}"))
+    size, reason, detail, warned = _probe(data, limits.max_pixels)
+    if reason is not None:
+        reject(reason, detail or f"{img_ext} member of {len(data)} bytes starting {data[:16]!r}")
         return None
+    for msg in warned:
+        issues.append((key, rec.uid, "image_warning", "warning", msg))
 
     if "txt" in members:
         raw = members["txt"]
@@ -158,60 +343,165 @@ def _finish_record(key: str, members: dict[str, bytes], offset: int, end: int, i
     # DataComp's size rules use the original size; img2dataset stores it as original_width/height.
     rec.width = _int_or_none(meta.get("original_width")) or _int_or_none(meta.get("width")) or size[0]
     rec.height = _int_or_none(meta.get("original_height")) or _int_or_none(meta.get("height")) or size[1]
+    if rec.width is not None and not -2**31 <= rec.width < 2**31:
+        rec.width = size[0]
+    if rec.height is not None and not -2**31 <= rec.height < 2**31:
+        rec.height = size[1]
     sha = meta.get("sha256")
     rec.sha256 = str(sha).lower() if isinstance(sha, str) and len(sha) == 64 else hashlib.sha256(data).hexdigest()
     return rec
 
 
-def read_wds_shard(path: Path) -> WdsShard:
+class _Damage:
+    """Regions of the stream where reading had to skip (`_HeaderWatch` events between members)."""
+
+    def __init__(self):
+        self.regions: list[str] = []
+
+    def describe(self, events: list, start: int, end: int | None) -> str | None:
+        """A region's description if [start, end) held anything but the end-of-archive zeros."""
+        ev = [e for e in events if e[0] >= start and (end is None or e[0] < end)]
+        if not ev:
+            return None
+        invalid = [e for e in ev if e[1] == "invalid"]
+        truncated = [e for e in ev if e[1] == "truncated"]
+        stop = f"byte {end:,}" if end is not None else "the end"
+        if invalid:
+            what = (f"unreadable tar header at byte {invalid[0][0]:,} ({invalid[0][2]}); "
+                    f"skipped to the next valid header at {stop}")
+        elif truncated:
+            what = f"the archive ends inside a header at byte {truncated[0][0]:,}"
+        elif end is not None:
+            what = (f"zero blocks at bytes {ev[0][0]:,}..{end:,} inside the archive (an end-of-archive "
+                    "marker followed by more members, or a zeroed region); the members after it were read")
+        else:
+            return None  # zeros to the end: the end-of-archive marker and padding
+        self.regions.append(what)
+        return what
+
+
+def read_wds_shard(path: Path, limits: ReadLimits | None = None) -> WdsShard:
     """Read a shard; raises OSError/tarfile.ReadError only when nothing at all can be read."""
+    limits = limits or ReadLimits()
     records: list[WdsRecord] = []
     issues: list = []
-    error = None
+    fatal: str | None = None
+    damage = _Damage()
     with open(path, "rb") as raw:
+        head = raw.read(8)
+        raw.seek(0)
+        if head.startswith(ZSTD_MAGIC):
+            raise tarfile.ReadError("zstd-compressed shard: curate reads plain, gzip, bzip2 and xz tars; "
+                                    "decompress it (`zstd -d`) or recompress it with gzip")
+        compressed = head.startswith(_COMPRESSED_MAGIC)
+        file_bytes = raw.seek(0, io.SEEK_END)
+        raw.seek(0)
         reader = _HashingReader(raw)
         buffered = io.BufferedReader(reader, buffer_size=1 << 20)
+        limit = limits.inflated_limit(file_bytes) if compressed else None
+        watch = _HeaderWatch.watching(limit)
+        events = watch.events
         try:
-            tar = tarfile.open(fileobj=buffered, mode="r|*")
+            tar = tarfile.open(fileobj=buffered, mode="r|*", tarinfo=watch, ignore_zeros=True)
+        except _InflatedTooFar:
+            raise tarfile.ReadError(f"inflates past the limit of {limit:,} bytes before its first member "
+                                    f"({file_bytes:,} bytes compressed; ingest --max-inflated-size)") from None
         except tarfile.TarError as exc:
             raise tarfile.ReadError(f"not a readable tar archive ({exc})") from None
-        cur_key: str | None = None
-        cur: dict[str, bytes] = {}
-        cur_offset = cur_end = 0
+        cur: _Group | None = None
+        expected = 0          # where the next header should start
+        flagged: list[tuple[WdsRecord | None, _Group, list]] = []  # records next to damage, their issues
+        n_members = 0
+
+        def flush(g: _Group | None) -> None:
+            if g is None:
+                return
+            n_before = len(issues)
+            rec = _finish_record(g, issues, limits)
+            if g.near_damage is not None:
+                flagged.append((rec, g, issues[n_before:]))
+            elif rec is not None:
+                records.append(rec)
+
         try:
-            for info in tar:
-                if not info.isfile():
+            while True:
+                info = tar.next()
+                if info is None:
+                    break
+                n_members += 1
+                if n_members % 4096 == 0:
+                    tar.members.clear()  # stream mode keeps every TarInfo; we need none of them
+                gap = damage.describe(events, expected, info.offset) if info.offset != expected else None
+                expected = info.offset_data + (((info.size + 511) // 512) * 512 if info.isreg() else 0)
+                if info.isdir():
+                    flush(cur)  # a directory ends a record: it is never inside a sample's byte range
+                    cur = None
+                    if gap:
+                        issues.append((None, None, "tar_damaged", "rejected", gap[:300]))
                     continue
                 key, ext = _split_name(info.name)
-                if key != cur_key:
-                    if cur_key is not None:
-                        rec = _finish_record(cur_key, cur, cur_offset, cur_end, issues)
-                        if rec is not None:
-                            records.append(rec)
-                    cur_key, cur, cur_offset = key, {}, info.offset
+                if gap:
+                    if cur is not None:
+                        cur.near_damage = gap
+                        if key != cur.key:
+                            flush(cur)
+                            cur = None
+                    # whatever lay wholly inside the damage cannot be named (removed again if
+                    # a record next to it turns out to be what was lost: _settle_flagged)
+                    issues.append((None, None, "tar_damaged", "rejected", gap[:300]))
+                if cur is None or key != cur.key:
+                    flush(cur)
+                    cur = _Group(key, info.offset, near_damage=gap)
+                cur.exts.append(ext)
+                cur.end = expected
+                why = unsafe_name(info.name)
+                if why:
+                    cur.unsafe.append(("unsafe_member_name", f"member {info.name[:200]!r}: {why}"))
+                if not info.isreg() or info.issparse():
+                    cur.unsafe.append(("unsafe_member", f"member {info.name[:200]!r} is a {_kind(info)}"))
+                    continue
+                if limit is not None and info.offset_data + info.size > limit:
+                    raise _InflatedTooFar(info.offset_data + info.size)
+                if info.size > limits.max_member_bytes:
+                    cur.too_large.append((ext, info.size))
+                    continue  # not read: tarfile skips its data when asked for the next member
+                if ext in cur.data:
+                    issues.append((key, None, "repeated_member", "warning", f"second {ext} member ignored"))
+                    continue
                 fh = tar.extractfile(info)
                 data = fh.read() if fh is not None else b""
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
-                if ext in cur:
-                    issues.append((key, None, "repeated_member", "warning", f"second {ext} member ignored"))
-                else:
-                    cur[ext] = data
-                cur_end = info.offset_data + ((info.size + 511) // 512) * 512
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            error = f"tar damaged after {len(records)} complete records: {exc}"
-            if cur_key is not None:
-                issues.append((cur_key, None, "truncated_record", "rejected", str(exc)[:300]))
-            cur_key = None
-        if cur_key is not None:
-            rec = _finish_record(cur_key, cur, cur_offset, cur_end, issues)
-            if rec is not None:
-                records.append(rec)
+                cur.data[ext] = data
+        except _InflatedTooFar as exc:
+            fatal = (f"inflates past the limit of {limit:,} bytes at byte {exc.offset:,} "
+                     f"({file_bytes:,} bytes compressed; ingest --max-inflated-size); the rest was not read")
+        except (tarfile.TarError, EOFError, OSError, ValueError, MemoryError) as exc:
+            fatal = f"tar damaged at byte {expected:,}: {exc}"
+        if fatal is not None:
+            if cur is not None:
+                reason = "inflated_too_large" if fatal.startswith("inflates") else "truncated_record"
+                issues.append((cur.key, None, reason, "rejected", fatal[:300]))
+            cur = None
+        else:
+            end = damage.describe(events, expected, None)
+            if end and cur is not None:
+                cur.near_damage = end
+        flush(cur)
         try:
             tar.close()
         except Exception:
             pass
+        if n_members == 0 and fatal is None and any(e[1] == "invalid" for e in events):
+            raise tarfile.ReadError(f"not a readable tar archive ({next(e[2] for e in events if e[1] == 'invalid')})")
         reader.drain()
+    _settle_flagged(flagged, records, issues)
+    errors = damage.regions + ([fatal] if fatal else [])
+    error = None
+    if errors:
+        error = f"tar damaged ({len(records)} records read): " + "; ".join(errors[:3])
+        if len(errors) > 3:
+            error += f"; and {len(errors) - 3} more damaged regions"
     stats = None
     stats_path = _sidecar(path, "_stats.json")
     if stats_path.exists():
@@ -219,12 +509,37 @@ def read_wds_shard(path: Path) -> WdsShard:
             stats = json.loads(stats_path.read_text())
         except Exception:
             stats = None
-    return WdsShard(records, issues, reader.sha.hexdigest(), reader.pos, error, stats)
+    records.sort(key=lambda r: r.tar_offset)
+    return WdsShard(records, issues, reader.sha.hexdigest(), reader.pos, error, stats, compressed)
+
+
+def _settle_flagged(flagged, records: list[WdsRecord], issues: list) -> None:
+    """Records next to damage: kept when they have the members the shard's other records have
+    (then nothing of theirs was lost); else rejected as `tar_damaged`, naming why."""
+    if not flagged:
+        return
+    usual = collections.Counter(tuple(r.members) for r in records).most_common(1)
+    usual_members = list(usual[0][0]) if usual else None
+    for rec, g, own in flagged:
+        if rec is not None and usual_members is not None and rec.members == usual_members:
+            records.append(rec)
+            continue
+        # drop what finishing it recorded, and say why it is rejected instead
+        own = [i for i in own if i[0] == g.key]
+        was = next((i[2] for i in own if i[3] == "rejected"), None)
+        # the damage is accounted for by this record: no key-less row for it
+        keyless = (None, None, "tar_damaged", "rejected", g.near_damage[:300])
+        for i in own + ([keyless] if keyless in issues else []):
+            issues.remove(i)
+        uid = rec.uid if rec is not None else None
+        detail = (f"members {','.join(sorted(set(g.exts))) or 'none'} next to tar damage"
+                  + (f" ({was})" if was else "") + f": {g.near_damage}")
+        issues.append((g.key, uid, "tar_damaged", "rejected", detail[:300]))
 
 
 def _sidecar(path: Path, suffix: str) -> Path:
     name = path.name
-    for s in (".tar.gz", ".tgz", ".tar"):
+    for s in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar"):
         if name.endswith(s):
             name = name[: -len(s)]
             break
