@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import add_member as _add, manifest_rows as q, run_cli, run_json
@@ -158,3 +160,62 @@ def test_hostile_corpus_through_ingest_score_export(tmp_path, tiny_ckpt):
     for key in expected_keys - {"again"}:
         assert got[key] == members[key], key
     assert got["again"] == {"jpg": members["jpeg"]["jpg"], "txt": b"first time"}
+
+
+def _emb(rng, n: int, d: int) -> np.ndarray:
+    e = rng.standard_normal((n, d)).astype(np.float32)
+    return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_hostile_datacomp_metadata(tmp_path):
+    """Mistyped and missing parquet columns, malformed and repeated uids, and a parquet/npz row
+    mismatch: each pair is ingested with a reason for every row it leaves out, or fails whole
+    with one line; nothing else is lost."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "meta"
+    src.mkdir()
+    n = 6
+    uids = [f"{x:032x}" for x in rng.integers(0, 2**63, 3 * n)]
+
+    def pair(stem: str, table: dict, rows: int = n) -> None:
+        pq.write_table(pa.table(table), src / f"{stem}.parquet")
+        np.savez(src / f"{stem}.npz", b32_img=_emb(rng, rows, 512), b32_txt=_emb(rng, rows, 512))
+
+    pair("a_repeats", {"uid": [uids[0], uids[0], "ZZ", "  " + uids[1].upper() + "\t", None, "0" * 31],
+                       "text": ["first", "again", "bad", "padded", "none", "short"]})
+    pair("b_mistyped", {"uid": uids[n:2 * n], "text": [1, 2, 3, 4, 5, 6],
+                        "original_width": ["10", "abc", None, "300", "400", "-1"],
+                        "original_height": [1.5, 2.0, None, 4.0, 5.0, 6.0],
+                        "clip_b32_similarity_score": ["0.3", "x", None, "0.1", "inf", "0.2"]})
+    pair("c_int_uids", {"uid": list(range(n)), "text": ["t"] * n})
+    pair("d_no_text", {"uid": uids[2 * n:], "url": ["u"] * n})
+    pair("e_rows", {"uid": uids[2 * n:], "text": ["t"] * n}, rows=n + 1)
+    ws = tmp_path / "ws"
+    proc = run_cli("ingest", src, "-w", ws, "--json", check=False)
+    assert proc.returncode == 1, proc.stderr  # two pairs failed; the rest is in
+    out = json.loads(proc.stdout)
+    assert out["shards_failed"] == 2 and out["shards_ingested"] == 3
+    errors = {Path(f["path"]).name: f["error"] for f in out["failures"]}
+    assert "needs uid and text columns" in errors["d_no_text.parquet"]
+    assert "row-count mismatch" in errors["e_rows.parquet"]
+    by_file: dict[str, dict[str, str]] = {}
+    for name, key, reason in q(ws, "SELECT regexp_extract(sh.path, '[^/]+$'), i.key, i.reason FROM sample_issues i "
+                                   "JOIN shards sh USING (shard_id) WHERE i.action = 'rejected'"):
+        by_file.setdefault(name, {})[key] = reason
+    assert by_file["a_repeats.parquet"] == {"1": "duplicate_uid", "2": "bad_uid", "4": "bad_uid", "5": "bad_uid"}
+    assert by_file["c_int_uids.parquet"] == {str(i): "bad_uid" for i in range(n)}
+    samples = {(f, k): (c, w, h) for f, k, c, w, h in q(
+        ws, "SELECT regexp_extract(sh.path, '[^/]+$'), s.key, s.caption, s.width, s.height FROM samples s "
+            "JOIN shards sh USING (shard_id)")}
+    assert set(samples) == {("a_repeats.parquet", "0"), ("a_repeats.parquet", "3")} | {
+        ("b_mistyped.parquet", str(i)) for i in range(n)}, "every row is a sample or a rejected issue"
+    assert samples[("b_mistyped.parquet", "0")] == ("1", 10, 1)
+    assert q(ws, "SELECT uid FROM samples WHERE key = '3' AND caption = 'padded'")[0][0] == uids[1]
+    bad_scores = dict(q(ws, "SELECT key, detail FROM sample_issues WHERE reason = 'bad_score'"))
+    assert set(bad_scores) == {"1", "4"}
+    kept_scores = dict(q(ws, "SELECT p.key, s.score FROM scores s JOIN samples p USING (uid) "
+                             "JOIN shards sh ON sh.shard_id = p.shard_id WHERE sh.path LIKE '%b_mistyped%'"))
+    assert kept_scores["0"] == pytest.approx(0.3) and kept_scores["1"] is None and kept_scores["4"] is None
