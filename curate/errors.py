@@ -24,6 +24,14 @@ class WorkspaceLocked(UsageError):
 _NO_SPACE = (28, 122)  # ENOSPC, EDQUOT
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C, as it surfaces from inside a DuckDB query: InterruptException, or (from the
+    relation and Arrow APIs) a RuntimeError "Query interrupted"."""
+    if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "InterruptException":
+        return True
+    return isinstance(exc, RuntimeError) and "Query interrupted" in str(exc)
+
+
 def free_bytes(path) -> int | None:
     """Free bytes (for this user) on the file system holding `path` or its nearest existing parent."""
     import os

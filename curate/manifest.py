@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import duckdb
 
 from . import __version__
-from .errors import CurateError, WorkspaceLocked
+from .errors import CurateError, WorkspaceLocked, is_interrupt
 
 SCHEMA_VERSION = 1
 
@@ -353,6 +353,9 @@ class Manifest:
             self.finish_run(rec.run_id, "interrupted", summary=rec.summary, error="interrupted")
             raise
         except BaseException as exc:
+            if is_interrupt(exc):  # Ctrl-C that landed inside a DuckDB query
+                self.finish_run(rec.run_id, "interrupted", summary=rec.summary, error="interrupted")
+                raise KeyboardInterrupt from None
             self.finish_run(rec.run_id, "failed", summary=rec.summary, error=f"{type(exc).__name__}: {exc}"[:2000])
             raise
         else:

@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import selectors
 import socket
 import stat
@@ -219,6 +220,10 @@ class _FrameSink:
 
     def close(self) -> None:
         self.closed = True
+
+
+_ACTING_FUNCTIONS = {"checkpoint", "force_checkpoint", "sqlite_attach", "postgres_attach", "mysql_attach",
+                     "enable_logging", "disable_logging", "truncate_duckdb_logs"}
 
 
 class _Refused(Exception):
@@ -476,6 +481,20 @@ class ReadServer:
         kind = stmts[0].type
         if kind != duckdb.StatementType.SELECT:
             raise _Refused(f"refused: the running writer serves read-only queries, not {kind.name} statements")
+        # Functions that act on the database though called in a SELECT (the read-only transaction
+        # already refuses writes, not these); looked up in the parse tree, or the text if the
+        # statement has none (DESCRIBE, SHOW).
+        tree = cur.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]  # fetchall: DuckDB 2 refuses
+        # further work on a connection whose last result was only partly read
+        try:
+            called = set(re.findall(r'"function_name":"([^"]+)"', tree)) if not json.loads(tree).get("error") else None
+        except ValueError:
+            called = None
+        if called is None:
+            called = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", sql))
+        denied = {c.lower() for c in called} & _ACTING_FUNCTIONS
+        if denied:
+            raise _Refused(f"refused: the running writer does not serve {', '.join(sorted(denied))}()")
 
     def _query(self, conn: socket.socket, cur, req: dict) -> None:
         import pyarrow as pa

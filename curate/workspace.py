@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -117,6 +118,27 @@ class Workspace:
         }))
         fh.flush()
         self._lock_fh = fh
+        self.remove_partials()
+
+    # Partial files: `atomic_path`'s `.<name>.<pid>.partial[.ext]`, and DataComp ingest's
+    # `<name>.partial.npy` (a compressed npz member being copied out).
+    _PARTIAL = re.compile(r"(^\..+\.\d+\.partial(\.[A-Za-z0-9]+)?$)|(\.partial\.npy$)")
+
+    def remove_partials(self) -> int:
+        """Remove the partial files a killed writer left (an embedding array half written, a
+        cache array, a result file): we hold the writer lock, so no live process is writing
+        them. DuckDB's spill directory is its own. Returns how many were removed."""
+        gone = 0
+        for top in ("embeddings", "cache", "runs", "tmp"):
+            for dirpath, dirnames, filenames in os.walk(self.root / top):
+                if top == "tmp":
+                    dirnames[:] = [d for d in dirnames if d != "duckdb"]
+                for name in filenames:
+                    if self._PARTIAL.search(name):
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(dirpath, name))
+                            gone += 1
+        return gone
 
     def release_lock(self) -> None:
         if self._lock_fh is not None:

@@ -554,6 +554,20 @@ def test_score_records_non_finite_model_embeddings(nan_token_model):
     dropped = dec.filter(~pl.col("keep"))
     assert set(dropped.filter(pl.col("reason") == "bad_embedding")["uid"]) == holders - undecodable
     assert set(dropped.filter(pl.col("reason") == "undecodable")["uid"]) == undecodable
+    # scoring another model keeps this one's bad_embedding rows (each scorer replaces only its own)
+    before = q(ws, "SELECT uid, detail FROM sample_issues WHERE reason = 'bad_embedding' ORDER BY uid")
+    ok_ckpt = ws.parent / "ok.pt"
+    import open_clip
+    import torch
+
+    torch.save(open_clip.create_model("curate-tiny-vit").state_dict(), ok_ckpt)
+    run_json("score", "-w", ws, "--model", f"curate-tiny-vit@{ok_ckpt},name=other", "--device", "cpu",
+             "--batch-size", "16")
+    assert q(ws, "SELECT uid, detail FROM sample_issues WHERE reason = 'bad_embedding' ORDER BY uid").equals(before)
+    # and scoring this one again replaces its rows, not adds to them
+    run_json("score", "-w", ws, "--model", f"curate-tiny-vit@{ckpt},name=tiny", "--device", "cpu",
+             "--batch-size", "16", "--flip", "--force")
+    assert q(ws, "SELECT uid, detail FROM sample_issues WHERE reason = 'bad_embedding' ORDER BY uid").equals(before)
 
 
 def _eval_npy(ws: Path) -> Path:

@@ -219,3 +219,49 @@ def test_hostile_datacomp_metadata(tmp_path):
     kept_scores = dict(q(ws, "SELECT p.key, s.score FROM scores s JOIN samples p USING (uid) "
                              "JOIN shards sh ON sh.shard_id = p.shard_id WHERE sh.path LIKE '%b_mistyped%'"))
     assert kept_scores["0"] == pytest.approx(0.3) and kept_scores["1"] is None and kept_scores["4"] is None
+
+
+def test_hostile_npz_and_bytes_columns(tmp_path):
+    """An npz member named to climb out of the workspace, a compressed npz whose deflate stream
+    is damaged, and uid/text columns of bytes that are not UTF-8: each pair fails with one line or
+    keeps every row it can, and nothing is written outside the workspace."""
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "meta"
+    src.mkdir()
+    n = 5
+    uids = [f"{x:032x}" for x in rng.integers(0, 2**63, 3 * n)]
+    e = _emb(rng, n, 512)
+    pq.write_table(pa.table({"uid": uids[:n], "text": ["t"] * n}), src / "a_climb.parquet")
+    np.savez_compressed(src / "a_climb.npz", **{"x/../../../../escaped_img": e})
+    pq.write_table(pa.table({"uid": uids[n:2 * n], "text": ["t"] * n}), src / "b_crc.parquet")
+    np.savez_compressed(src / "b_crc.npz", b32_img=_emb(rng, n, 512), b32_txt=_emb(rng, n, 512))
+    with zipfile.ZipFile(src / "b_crc.npz") as zf:
+        info = zf.getinfo("b32_txt.npy")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    damaged = bytearray((src / "b_crc.npz").read_bytes())
+    damaged[start + info.compress_size // 2] ^= 0xFF
+    (src / "b_crc.npz").write_bytes(bytes(damaged))
+    raw_uids = [u.encode() for u in uids[2 * n:]]
+    raw_uids[1] = b"\xff" * 32
+    texts = [b"plain", b"lost with its uid", None, b"caf\xe9", b"fine"]
+    pq.write_table(pa.table({"uid": pa.array(raw_uids, pa.binary()), "text": pa.array(texts, pa.binary())}),
+                   src / "c_bytes.parquet")
+    np.savez(src / "c_bytes.npz", b32_img=_emb(rng, n, 512), b32_txt=_emb(rng, n, 512))
+    ws = tmp_path / "ws"
+    proc = run_cli("ingest", src, "-w", ws, "--json", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    out = json.loads(proc.stdout)
+    errors = {Path(f["path"]).name: f["error"] for f in out["failures"]}
+    assert set(errors) == {"a_climb.parquet", "b_crc.parquet"}
+    assert "not a key curate takes" in errors["a_climb.parquet"] and "\n" not in errors["b_crc.parquet"]
+    assert not list(tmp_path.rglob("escaped*")), "nothing was written outside the workspace"
+    assert not list((ws / "embeddings").rglob("*partial*"))
+    caps = dict(q(ws, "SELECT key, caption FROM samples"))
+    assert caps == {"0": "plain", "2": None, "3": "caf\ufffd", "4": "fine"}
+    issues = {(k, r) for k, r in q(ws, "SELECT key, reason FROM sample_issues")}
+    assert issues == {("1", "bad_uid"), ("2", "missing_caption"), ("3", "caption_not_utf8")}

@@ -387,3 +387,129 @@ def test_export_to_a_dangling_link_is_one_clear_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "symbolic link" in lines[0] and "nowhere" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- what a review found -------------------------------------------------------------------
+
+def _infos(path: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(path) as tf:
+        return {ti.name: ti for ti in tf}
+
+
+def test_damage_between_members_of_one_record_never_reaches_an_export(tmp_path):
+    """A zeroed member between two members of one record would sit inside that record's byte
+    range: the record is rejected, and the export is readable to its end by a stream reader."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(tmp_path / "full.tar", "w") as tf:
+        for i in range(5):
+            _add(tf, f"k{i}.jpg", _jpeg(64 + i))
+            _add(tf, f"k{i}.cls", b"3")
+            _add(tf, f"k{i}.txt", f"caption {i}".encode())
+    data = bytearray((tmp_path / "full.tar").read_bytes())
+    ti = _infos(tmp_path / "full.tar")["k2.cls"]
+    data[ti.offset:ti.offset_data + 512] = bytes(ti.offset_data + 512 - ti.offset)  # header and data zeroed
+    (src / "s.tar").write_bytes(bytes(data))
+    ws = tmp_path / "ws"
+    run_json("ingest", src, "-w", ws)
+    assert _issues(ws)["k2"][:2] == ("tar_damaged", "rejected")
+    assert "between its members" in _issues(ws)["k2"][2]
+    run_json("export", "-w", ws, "--all", "--out", tmp_path / "out")
+    with tarfile.open(tmp_path / "out" / "00000000.tar", mode="r|") as tf:  # how webdataset reads
+        keys = {m.name.split(".")[0] for m in tf}
+    assert keys == {"k0", "k1", "k3", "k4"}
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000000.tar": 4}
+
+
+def test_damage_before_a_directory_and_a_file_cut_in_a_header(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(tmp_path / "dirs.tar", "w") as tf:
+        for d in ("a", "b"):
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            tf.addfile(ti)
+            for i in range(3):
+                _add(tf, f"{d}/x{i}.jpg", _jpeg(60 + i))
+                _add(tf, f"{d}/x{i}.txt", f"{d} caption {i}".encode())
+                _add(tf, f"{d}/x{i}.json", json.dumps({"caption": "from json"}).encode())
+    data = bytearray((tmp_path / "dirs.tar").read_bytes())
+    _corrupt_header(data, _infos(tmp_path / "dirs.tar")["a/x2.json"].offset)  # the member before dir b
+    (src / "dirs.tar").write_bytes(bytes(data))
+    whole = (tmp_path / "dirs.tar").read_bytes()
+    (src / "cut.tar").write_bytes(whole[:_infos(tmp_path / "dirs.tar")["b/x1.jpg"].offset + 200])
+    ws = tmp_path / "ws"
+    run_json("ingest", src, "-w", ws)
+    rows = q(ws, "SELECT regexp_extract(sh.path, '[^/]+$'), i.key, i.reason FROM sample_issues i "
+                 "JOIN shards sh USING (shard_id) WHERE i.action = 'rejected' ORDER BY ALL")
+    assert ("dirs.tar", "a/x2", "tar_damaged") in rows, rows  # it lost its json to the damage
+    assert ("cut.tar", None, "tar_damaged") in rows, rows  # cut inside the header of b/x1's first member
+    caps = dict(q(ws, "SELECT key, caption FROM samples s JOIN shards sh USING (shard_id) WHERE sh.path LIKE '%dirs.tar'"))
+    assert set(caps) == {"a/x0", "a/x1", "b/x0", "b/x1", "b/x2"} and caps["b/x0"] == "b caption 0"
+
+
+def test_multi_member_gzip_lzma_alone_and_the_limit_at_the_end(tmp_path):
+    """A tar split over two gzip members (bgzip, `gzip >>`) and a legacy .lzma tar are read whole
+    by every command; an inflated-size limit exactly at the end of the last member keeps it."""
+    import lzma
+
+    src = tmp_path / "src"
+    src.mkdir()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        expected = _records(tf, "m", 6)
+    data = raw.getvalue()
+    (src / "two.tar.gz").write_bytes(gzip.compress(data[:len(data) // 2]) + gzip.compress(data[len(data) // 2:]))
+    raw2 = io.BytesIO()
+    with tarfile.open(fileobj=raw2, mode="w") as tf:
+        expected.update(_records(tf, "l", 3))
+    (src / "old.tar.lzma").write_bytes(lzma.compress(raw2.getvalue(), format=lzma.FORMAT_ALONE))
+    ws = tmp_path / "ws"
+    out = run_json("ingest", src, "-w", ws)
+    assert out["samples_added"] == 9 and out["shards_damaged"] == 0
+    run_json("export", "-w", ws, "--all", "--out", tmp_path / "out")
+    assert _exported_members(tmp_path / "out") == expected
+
+    last = _infos(src / "old.tar.lzma")  # tarfile reads .lzma too: where the last member ends
+    end = max(ti.offset_data + -(-ti.size // 512) * 512 for ti in last.values())
+    ws2 = tmp_path / "ws2"
+    run_json("ingest", src / "old.tar.lzma", "-w", ws2, "--max-inflated-size", str(end))
+    assert {k for (k,) in q(ws2, "SELECT key FROM samples")} == {"l0000", "l0001", "l0002"}
+    bad = run_cli("ingest", src, "-w", ws2, "--max-inflated-size", "infx", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_hostile_extended_headers(tmp_path):
+    """3,000 chained GNU long-name headers (tarfile recurses once per header) and a 300 MB long
+    name in a small .tar.gz: the shard is damaged, memory stays bounded, the other shards are in."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _plain_tar(src / "a_good.tar", "a", 2)
+    _plain_tar(src / "c_good.tar", "c", 2)
+    chain = bytearray()
+    for _ in range(3000):
+        ti = tarfile.TarInfo("././@LongLink")
+        ti.type, ti.size = tarfile.GNUTYPE_LONGNAME, 512
+        chain += ti.tobuf(format=tarfile.USTAR_FORMAT) + b"x" * 511 + b"\0"
+    _plain_tar(tmp_path / "b.tar", "b", 2)
+    members_end = max(ti.offset_data + -(-ti.size // 512) * 512 for ti in _infos(tmp_path / "b.tar").values())
+    (src / "b_chain.tar").write_bytes((tmp_path / "b.tar").read_bytes()[:members_end] + bytes(chain) + bytes(1024))
+    with gzip.open(src / "d_longname.tar.gz", "wb", compresslevel=1) as fh:
+        ti = tarfile.TarInfo("././@LongLink")
+        ti.type, ti.size = tarfile.GNUTYPE_LONGNAME, 300 << 20
+        fh.write(ti.tobuf(format=tarfile.USTAR_FORMAT))
+        for _ in range(300):
+            fh.write(b"n" * (1 << 20))
+        fh.write(bytes(1024))
+    ws = tmp_path / "ws"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = run_cli("ingest", src, "-w", ws, "--json", check=False)
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert "Traceback" not in proc.stderr
+    out = json.loads(proc.stdout)
+    assert peak_kb < 500_000 or peak_kb == before, f"ingest peaked at {peak_kb / 1024:.0f} MB"
+    status = dict(q(ws, "SELECT regexp_extract(path, '[^/]+$'), status FROM shards"))
+    assert status["a_good.tar"] == status["c_good.tar"] == "ok"
+    assert status["b_chain.tar"] == "damaged" and status["d_longname.tar.gz"] in ("damaged", "failed")
+    assert {k for (k,) in q(ws, "SELECT key FROM samples")} >= {"a0000", "a0001", "b0000", "b0001", "c0000", "c0001"}
+    assert out["shards_seen"] == 4

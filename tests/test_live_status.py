@@ -201,7 +201,9 @@ def test_readers_cannot_write_and_a_killed_writer_leaves_nothing_that_blocks(tmp
     copy_to = tmp_path / "leak.csv"
     for sql in ["DELETE FROM samples", f"COPY samples TO '{copy_to}'", "UPDATE runs SET status = 'ok'",
                 "SELECT 1; DELETE FROM samples", "ATTACH ':memory:' AS x", "PRAGMA enable_profiling",
-                "SET memory_limit = '1GB'", "CHECKPOINT", "CALL force_checkpoint()", "INSERT INTO meta VALUES (1, 2)"]:
+                "SET memory_limit = '1GB'", "CHECKPOINT", "CALL force_checkpoint()", "INSERT INTO meta VALUES (1, 2)",
+                "SELECT * FROM checkpoint()", "SELECT * FROM force_checkpoint()",
+                "WITH c AS (SELECT * FROM checkpoint()) SELECT * FROM c"]:
         kind, msg = raw.query(sql)
         assert kind == "error" and "refused" in msg, sql
     assert not copy_to.exists()

@@ -13,7 +13,7 @@ import traceback
 import typer
 
 from .. import __version__, console
-from ..errors import CurateError, describe_os_error, disk_full_line, is_disk_full
+from ..errors import CurateError, describe_os_error, disk_full_line, is_disk_full, is_interrupt
 
 app = typer.Typer(
     name="curate",
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         console.error_line(describe_os_error(exc))
         return 1
     except Exception as exc:  # an unexpected failure: one line unless --debug
+        if is_interrupt(exc):  # Ctrl-C inside a DuckDB query
+            console.error_line("interrupted")
+            return 130
         if debug or console.state.debug:
             traceback.print_exc()
         if is_disk_full(exc):  # DuckDB, Arrow and polars say it in their own words

@@ -166,7 +166,20 @@ def member_bytes(header: bytes, data: bytes) -> bytes:
 
 # ---- sources ------------------------------------------------------------------------------
 
-_MAGIC = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+# How a compressed shard starts, and what reads it: multi-member gzip and multi-stream bzip2 / xz
+# are read whole (ingest decompresses with the same openers, so its offsets agree with these).
+# b"]\0\0" is a legacy .lzma ("lzma-alone") header, which lzma.open's FORMAT_AUTO reads.
+COMPRESSED = ((b"\x1f\x8b", gzip.open, "gzip"), (b"BZh", bz2.open, "bzip2"), (b"\xfd7zXZ\x00", lzma.open, "xz"),
+              (b"\x5d\x00\x00", lzma.open, "lzma"))
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def compression_of(head: bytes):
+    """(opener, name) for a file starting with `head`, or None for a plain file."""
+    for magic, opener, name in COMPRESSED:
+        if head.startswith(magic):
+            return opener, name
+    return None
 
 
 class Source:
@@ -181,10 +194,9 @@ class Source:
         head = os.pread(self.fd, 6, 0)
         self.stream = None
         self._mm = None
-        for magic, opener in _MAGIC:
-            if head.startswith(magic):
-                self.stream = opener(path, "rb")
-                break
+        found = compression_of(head)
+        if found is not None:
+            self.stream = found[0](path, "rb")
 
     def map(self):
         """The plain file as a read-only map, to check many headers without a syscall each."""

@@ -173,7 +173,8 @@ def write_shard_outputs(ws, acc: _Acc, flip: bool) -> Path:
     # zeros wherever a row is unusable (undecodable images included).
     rows = np.asarray(job.rows, dtype=np.int64)
     decoded = np.array([r is None for r in acc.reasons], dtype=bool)
-    bad_detail: list[list[str]] = [[] for _ in job.rows]
+    # per scorer: a scorer's rows are replaced when it is scored again, not another's
+    bad_detail: dict[str, list[list[str]]] = {name: [[] for _ in job.rows] for name, _ in acc.arrays}
     files = []
     for (name, kind), arr in acc.arrays.items():
         nonfinite = ~np.isfinite(arr).all(axis=1)
@@ -181,7 +182,7 @@ def write_shard_outputs(ws, acc: _Acc, flip: bool) -> Path:
         arr[nonfinite] = 0
         bad = (nonfinite[rows] | zero[rows]) & decoded
         for p in np.flatnonzero(bad):
-            bad_detail[p].append(f"{name} {kind}: {'non-finite values' if nonfinite[rows[p]] else 'zero vector'}")
+            bad_detail[name][p].append(f"{name} {kind}: {'non-finite values' if nonfinite[rows[p]] else 'zero vector'}")
         for sc in {"img": [name], "img_flip": [name + FLIP_SUFFIX]}.get(kind, [name, name + FLIP_SUFFIX]):
             if sc in scores:
                 scores[sc][bad] = np.nan
@@ -195,8 +196,8 @@ def write_shard_outputs(ws, acc: _Acc, flip: bool) -> Path:
                            "reason": [r[0] if r else None for r in acc.reasons],
                            "detail": [r[1] if r else None for r in acc.reasons],
                            "empty_caption": empty,
-                           "bad_embedding": pl.Series([("; ".join(d) if d else None) for d in bad_detail],
-                                                      dtype=pl.Utf8),
+                           **{f"bad::{name}": pl.Series([("; ".join(d) if d else None) for d in details],
+                                                        dtype=pl.Utf8) for name, details in bad_detail.items()},
                            "decode_warning": pl.Series(acc.warnings, dtype=pl.Utf8),
                            **{f"score::{k}": v for k, v in scores.items()}})
     out = result_dir(ws) / f"{job.shard_id:08d}.parquet"
@@ -214,9 +215,10 @@ def register_shard(manifest, ws, shard_id: int, run_id: int, scorer_rows: list[d
     files = json.loads(rpath.with_suffix(".files.json").read_text())
     res = pl.read_parquet(rpath)
     counts = {"failed": 0, "empty_caption": 0, "bad_embedding": 0}
-    for col in ("bad_embedding", "decode_warning"):
-        if col not in res.columns:  # written by an older version
-            res = res.with_columns(pl.lit(None, pl.Utf8).alias(col))
+    if "decode_warning" not in res.columns:  # written by an older version
+        res = res.with_columns(pl.lit(None, pl.Utf8).alias("decode_warning"))
+    bad_cols = [c for c in res.columns if c.startswith("bad::")]
+    scorers = sorted({f["scorer"] for f in files})
     with manifest.transaction():
         for s in scorer_rows:
             manifest.execute("INSERT OR IGNORE INTO scorers (name, kind, spec, dim, params, run_id, created_at) "
@@ -233,8 +235,12 @@ def register_shard(manifest, ws, shard_id: int, run_id: int, scorer_rows: list[d
                 manifest.execute(f'INSERT INTO scores SELECT ?, uid, "{col}"::FLOAT FROM _res', [name])
                 manifest.execute("UPDATE scores SET score = NULL WHERE scorer = ? AND NOT isfinite(score) "
                                  "AND uid IN (SELECT uid FROM _res)", [name])
-            manifest.execute("DELETE FROM sample_issues WHERE shard_id = ? AND (action = 'unscored' OR "
-                             "reason = 'decode_warning')", [shard_id])
+            # What this result says again: the image's (undecodable, empty caption, decoder
+            # warnings) and the bad embeddings of the scorers it holds; another scorer's stay.
+            manifest.execute(
+                "DELETE FROM sample_issues WHERE shard_id = ? AND (reason IN ('undecodable', 'empty_caption', "
+                "'decode_warning') OR (reason = 'bad_embedding' AND action = 'unscored' AND "
+                "list_bool_or([starts_with(detail, s || ' ') FOR s IN ?::VARCHAR[]])))", [shard_id, scorers])
             manifest.execute(
                 "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'decode_warning', 'warning', decode_warning "
                 "FROM _res WHERE decode_warning IS NOT NULL", [run_id, shard_id])
@@ -244,14 +250,16 @@ def register_shard(manifest, ws, shard_id: int, run_id: int, scorer_rows: list[d
             manifest.execute(
                 "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'empty_caption', 'unscored', "
                 "'no caption to score' FROM _res WHERE empty_caption AND reason IS NULL", [run_id, shard_id])
-            manifest.execute(
-                "INSERT INTO sample_issues SELECT ?, ?, key, uid, 'bad_embedding', 'unscored', bad_embedding "
-                "FROM _res WHERE bad_embedding IS NOT NULL AND reason IS NULL", [run_id, shard_id])
+            for col in bad_cols:
+                manifest.execute(
+                    f"INSERT INTO sample_issues SELECT ?, ?, key, uid, 'bad_embedding', 'unscored', \"{col}\" "
+                    f"FROM _res WHERE \"{col}\" IS NOT NULL AND reason IS NULL", [run_id, shard_id])
         finally:
             manifest.con.unregister("_res")
     counts["failed"] = int(res["reason"].is_not_null().sum())
     counts["empty_caption"] = int((res["empty_caption"] & res["reason"].is_null()).sum())
-    counts["bad_embedding"] = int((res["bad_embedding"].is_not_null() & res["reason"].is_null()).sum())
+    any_bad = pl.any_horizontal([pl.col(c).is_not_null() for c in bad_cols]) if bad_cols else pl.lit(False)
+    counts["bad_embedding"] = int(res.select(any_bad & pl.col("reason").is_null()).to_series().sum())
     rpath.unlink(missing_ok=True)
     rpath.with_suffix(".files.json").unlink(missing_ok=True)
     return counts

@@ -17,8 +17,10 @@ overflows in float32), a chunk at a time through short-lived memory maps.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,9 @@ FLOAT_DTYPES = ("f2", "f4", "f8")
 # What is wrong with a row (`scan_rows`), as the issue details name it.
 ROW_PROBLEMS = {1: "non-finite values", 2: "zero vector", 3: "norm overflows float32"}
 SCAN_BYTES = 16 << 20  # float32 bytes a scan chunk holds
+
+
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def scorer_for_key(key: str) -> tuple[str, str]:
@@ -80,6 +85,10 @@ def inspect_npz(path: Path) -> dict[str, NpzMember]:
             if not info.filename.endswith(".npy"):
                 continue
             key = info.filename[:-4]
+            if not _KEY.fullmatch(key):
+                # the key names a scorer and a file in the workspace: nothing that could climb out
+                raise NpzError(f"{path.name}: member {info.filename[:120]!r} is not a key curate takes "
+                               "(letters, digits, '-' and '_' only, e.g. b32_img)")
             with zf.open(info) as fh:
                 try:
                     shape, dtype, fortran, header_len = _read_npy_header(fh)
@@ -111,18 +120,21 @@ def copy_member_to_npy(npz_path: Path, m: NpzMember, dest_tmp: Path, chunk_bytes
     row_bytes = max(1, int(np.prod(m.shape[1:], dtype=np.int64)) * m.dtype.itemsize)
     header = {"descr": np.lib.format.dtype_to_descr(m.dtype), "fortran_order": m.fortran_order,
               "shape": tuple(m.shape)}
-    with zipfile.ZipFile(npz_path) as zf, zf.open(m.key + ".npy") as fh, open(dest_tmp, "wb") as out:
-        _read_npy_header(fh)
-        np.lib.format.write_array_header_1_0(out, header)
-        done = 0
-        while done < total:
-            buf = fh.read(min(chunk_bytes, total - done))
-            if not buf:
-                raise NpzError(f"{npz_path.name}:{m.key} ends early at row {done // row_bytes}")
-            out.write(buf)
-            done += len(buf)
-        out.flush()
-        os.fsync(out.fileno())
+    done = 0
+    try:
+        with zipfile.ZipFile(npz_path) as zf, zf.open(m.key + ".npy") as fh, open(dest_tmp, "wb") as out:
+            _read_npy_header(fh)
+            np.lib.format.write_array_header_1_0(out, header)
+            while done < total:
+                buf = fh.read(min(chunk_bytes, total - done))
+                if not buf:
+                    raise NpzError(f"{npz_path.name}:{m.key} ends early at row {done // row_bytes}")
+                out.write(buf)
+                done += len(buf)
+            out.flush()
+            os.fsync(out.fileno())
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:  # a damaged deflate stream, a bad CRC
+        raise NpzError(f"{npz_path.name}:{m.key} is damaged near row {done // row_bytes} ({exc})") from None
 
 
 def npy_location(path: Path) -> tuple[int, tuple[int, ...], np.dtype, bool]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import UsageError
 
 FORMATS = ("wds", "datacomp", "urls")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.zstd")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.lzma", ".tar.zst", ".tar.zstd")
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json", ".ndjson")
 DATACOMP_COLUMNS = {"uid", "text", "original_width", "original_height"}
 

@@ -16,13 +16,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import console
 from ..embeddings import EmbeddingRef, register
-from ..errors import UsageError
+from ..errors import UsageError, is_disk_full, is_interrupt
 from ..uids import UID_SPACE, wds_uid
 from .detect import ShardUnit, expand_sources
 from .wds import ReadLimits
@@ -291,7 +292,10 @@ class Ingester:
                 raise _ShardError(str(exc)) from None
             npz_name = unit.npz.name
             for key, mem in members.items():
-                if len(mem.shape) != 2 or mem.shape[0] != n_rows:
+                if len(mem.shape) != 2:
+                    raise _ShardError(f"{npz_name}:{key} has shape {mem.shape}; embeddings are 2-D "
+                                      f"(rows x width)")
+                if mem.shape[0] != n_rows:
                     raise _ShardError(f"row-count mismatch: {unit.path.name} has {n_rows} rows but "
                                       f"{npz_name}:{key} has shape {mem.shape}")
                 if mem.dtype.kind != "f" or f"f{mem.dtype.itemsize}" not in FLOAT_DTYPES:
@@ -346,7 +350,11 @@ class Ingester:
                     dest = self.ws.embedding_path(scorer, shard_id, kind)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = dest.with_name(dest.name + ".partial.npy")
-                    copy_member_to_npy(unit.npz, mem, tmp)
+                    try:
+                        copy_member_to_npy(unit.npz, mem, tmp)
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)
+                        raise
                     os.replace(tmp, dest)
                     ref = EmbeddingRef(scorer, shard_id, kind, str(dest), None, None, mem.dtype.str,
                                        mem.shape[0], mem.shape[1])
@@ -421,6 +429,15 @@ class Ingester:
                 n = b.height
                 b = b.with_columns(pl.int_range(start, start + n, dtype=pl.Int64).alias("row_idx"))
                 lo, hi = start, start + n
+                # bytes columns: text that is not UTF-8 is kept with U+FFFD (caption_not_utf8), a
+                # uid that is not is a bad_uid; polars cannot cast them at all
+                not_utf8: list[int] = []
+                for col, replace in ((text_col, True), ("uid", False)):
+                    if b.schema[col] == pl.Binary:
+                        vals, broken = _decode_bytes(b[col].to_list(), replace)
+                        b = b.with_columns(pl.Series(col, vals, dtype=pl.Utf8))
+                        if replace:
+                            not_utf8 = [start + i for i in broken]
                 start += n
                 uid_norm = pl.col("uid").cast(pl.Utf8).str.strip_chars(UID_SPACE).str.to_lowercase()
                 b = b.with_columns(uid_norm.alias("_uid"), pl.col("uid").cast(pl.Utf8).alias("_uid_raw"))
@@ -431,6 +448,11 @@ class Ingester:
                                       [f"uid {str(u)[:80]!r} is not 32 hex chars" for u in bad["_uid_raw"].to_list()]))
                     self.summary.rejected += bad.height
                     b = b.join(bad.select("row_idx"), on="row_idx", how="anti")
+                if not_utf8:
+                    mangled = b.filter(pl.col("row_idx").is_in(not_utf8))
+                    issues.extend((str(r), u, "caption_not_utf8", "warning",
+                                   "invalid UTF-8; undecodable bytes replaced by U+FFFD")
+                                  for r, u in zip(mangled["row_idx"].to_list(), mangled["_uid"].to_list()))
                 nocap = b.filter(pl.col(text_col).is_null())
                 if nocap.height:
                     issues.extend(zip(nocap["row_idx"].cast(pl.Utf8).to_list(), nocap["_uid"].to_list(),
@@ -529,12 +551,37 @@ class Ingester:
             self.summary.shards_seen -= 1
             self.summary.not_shards.append((str(unit.path), str(exc)))
             console.warn(f"{unit.path}: skipped, not a shard ({exc})")
-        except (OSError, ValueError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
-            self._record_failure(unit, f"{type(exc).__name__}: {exc}", st)
+        except Exception as exc:  # anything else this shard's bytes provoke: recorded, the rest goes on
+            if is_interrupt(exc):
+                raise KeyboardInterrupt from None  # Ctrl-C inside a DuckDB query
+            if is_disk_full(exc) or isinstance(exc, duckdb.Error):
+                raise  # not the shard's fault (a full disk, the manifest)
+            self._record_failure(unit, _one_line(f"{type(exc).__name__}: {exc}"), st)
 
 
 class _ShardError(Exception):
     """This shard cannot be ingested; recorded and the rest goes on."""
+
+
+def _decode_bytes(values: list, replace: bool) -> tuple[list, list[int]]:
+    """UTF-8 text of a bytes column: undecodable bytes become U+FFFD (`replace`) or the value
+    None; also the positions that were not valid UTF-8."""
+    out, broken = [], []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            out.append(bytes(v).decode("utf-8"))
+        except UnicodeDecodeError:
+            broken.append(i)
+            out.append(bytes(v).decode("utf-8", errors="replace") if replace else None)
+    return out, broken
+
+
+def _one_line(text: str) -> str:
+    """An error as one line (polars and Arrow errors span several)."""
+    return " ".join(text.split())[:2000]
 
 
 def _file_fingerprint(*paths: Path | None) -> str:

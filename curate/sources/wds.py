@@ -36,13 +36,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..export.tario import unsafe_name
+from ..export.tario import ZSTD_MAGIC, compression_of, unsafe_name
 from ..uids import normalise_uid
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _HEADER_PROBE_BYTES = 1 << 16
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+# GNU long names and pax records are read whole by tarfile: a bound keeps a hostile one from
+# filling memory (real ones are a few hundred bytes).
+MAX_EXTENDED_HEADER = 1 << 20
+_EXTENDED_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                   tarfile.SOLARIS_XHDTYPE)
 # Pillow's default bound (Image.MAX_IMAGE_PIXELS), as `curate score` uses (score/decode.py).
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -77,14 +80,14 @@ def parse_size(text: str, *, allow_factor: bool = False) -> int | str:
             f = float(t[:-1])
         except ValueError:
             f = -1.0
-        if f >= 1:
+        if 1 <= f < 1e12:
             return t
         raise ValueError(f"{text!r}: a factor is a number >= 1 followed by x (e.g. 100x)")
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)([a-z]*)", t)
     if not m or m.group(2) not in _SIZE_UNITS:
         raise ValueError(f"{text!r} is not a size (e.g. 64MiB, 500MB, 2GiB{', 100x' if allow_factor else ''})")
     n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    if n <= 0:
+    if n <= 0 or n >= 1 << 62:
         raise ValueError(f"{text!r}: a size must be positive")
     return n
 
@@ -119,24 +122,48 @@ class _InflatedTooFar(Exception):
         self.offset = offset
 
 
+class _ExtendedTooLarge(Exception):
+    pass
+
+
+class _Inflated(io.RawIOBase):
+    """A compressed shard's inflated stream, stopped where it passes `limit` bytes (a bomb is
+    never inflated further than that)."""
+
+    def __init__(self, fh, limit: int):
+        self.fh, self.limit, self.pos = fh, limit, 0
+        self.over = False  # the stream went on past the limit (it reads as ending there)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        view = memoryview(b)
+        if self.pos >= self.limit:  # the stream ends here for tarfile; say whether it went on
+            if not self.over and self.fh.readinto(view[:1]):
+                self.over = True
+            return 0
+        n = self.fh.readinto(view[:min(len(view), self.limit - self.pos)])  # read-ahead stops at the limit
+        self.pos += n
+        return n
+
+
 class _HeaderWatch(tarfile.TarInfo):
     """Records the header problems tarfile passes over (with `ignore_zeros` it skips zero and
-    invalid blocks; without, it would stop at the first bad checksum and say nothing), and
-    stops a compressed shard that inflates past its limit."""
+    invalid blocks; without, it would stop at the first bad checksum and say nothing), resyncs
+    after a bad header that follows a long name or pax record (tarfile would stop there), and
+    refuses extended headers too large to be real."""
 
-    limit: int | None = None   # set on a per-shard subclass (`watching`)
-    events: list = []
+    events: list = []  # set on a per-shard subclass (`watching`)
 
     @classmethod
-    def watching(cls, limit: int | None) -> type:
-        """A subclass for one shard: tarfile reads the first header inside open(), so the limit
-        and the event list must be in place before it."""
-        return type("_ShardHeaderWatch", (cls,), {"limit": limit, "events": []})
+    def watching(cls) -> type:
+        """A subclass for one shard: tarfile reads the first header inside open(), so the event
+        list must be in place before it."""
+        return type("_ShardHeaderWatch", (cls,), {"events": []})
 
     @classmethod
     def fromtarfile(cls, tf):
-        if cls.limit is not None and tf.offset >= cls.limit:
-            raise _InflatedTooFar(tf.offset)
         try:
             return super().fromtarfile(tf)
         except tarfile.EOFHeaderError:
@@ -145,9 +172,20 @@ class _HeaderWatch(tarfile.TarInfo):
         except tarfile.InvalidHeaderError as exc:
             cls._note(tf.offset, "invalid", str(exc))
             raise
+        except tarfile.SubsequentHeaderError as exc:
+            # the header after a long name / pax record is bad: skip on from here, as for any
+            # bad header (tarfile would end the archive)
+            cls._note(tf.offset, "invalid", str(exc))
+            raise tarfile.InvalidHeaderError(str(exc)) from None
         except tarfile.TruncatedHeaderError as exc:
             cls._note(tf.offset, "truncated", str(exc))
             raise
+
+    def _proc_member(self, tf):
+        if self.type in _EXTENDED_TYPES and self.size > MAX_EXTENDED_HEADER:
+            raise _ExtendedTooLarge(f"an extended header (long name or pax record) of {self.size:,} bytes at byte "
+                                    f"{self.offset:,}, over the bound of {MAX_EXTENDED_HEADER:,}")
+        return super()._proc_member(tf)
 
     @classmethod
     def _note(cls, offset: int, kind: str, msg: str) -> None:
@@ -278,6 +316,7 @@ class _Group:
     unsafe: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail)
     too_large: list[tuple[str, int]] = field(default_factory=list)  # (ext, size)
     near_damage: str | None = None
+    damaged_inside: str | None = None  # damage between two of its own members: its range holds it
 
 
 def _finish_record(g: _Group, issues: list, limits: ReadLimits) -> WdsRecord | None:
@@ -358,26 +397,29 @@ class _Damage:
     def __init__(self):
         self.regions: list[str] = []
 
-    def describe(self, events: list, start: int, end: int | None) -> str | None:
-        """A region's description if [start, end) held anything but the end-of-archive zeros."""
+    @staticmethod
+    def kind_of(events: list, start: int, end: int | None) -> tuple[str | None, str | None]:
+        """('invalid' | 'truncated' | 'zero', description) of [start, end), or (None, None)."""
         ev = [e for e in events if e[0] >= start and (end is None or e[0] < end)]
         if not ev:
-            return None
+            return None, None
         invalid = [e for e in ev if e[1] == "invalid"]
         truncated = [e for e in ev if e[1] == "truncated"]
         stop = f"byte {end:,}" if end is not None else "the end"
         if invalid:
-            what = (f"unreadable tar header at byte {invalid[0][0]:,} ({invalid[0][2]}); "
-                    f"skipped to the next valid header at {stop}")
-        elif truncated:
-            what = f"the archive ends inside a header at byte {truncated[0][0]:,}"
-        elif end is not None:
-            what = (f"zero blocks at bytes {ev[0][0]:,}..{end:,} inside the archive (an end-of-archive "
-                    "marker followed by more members, or a zeroed region); the members after it were read")
-        else:
-            return None  # zeros to the end: the end-of-archive marker and padding
-        self.regions.append(what)
-        return what
+            return "invalid", (f"unreadable tar header at byte {invalid[0][0]:,} ({invalid[0][2]}); "
+                               f"skipped to the next valid header at {stop}")
+        if truncated:
+            return "truncated", f"the archive ends inside a header at byte {truncated[0][0]:,}"
+        if end is not None:
+            return "zero", (f"zero blocks at bytes {ev[0][0]:,}..{end:,} inside the archive (an end-of-archive "
+                            "marker followed by more members, or a zeroed region); the members after it were read")
+        return None, None  # zeros to the end: the end-of-archive marker and padding
+
+
+def _not_a_tar(events: list, exc: BaseException | None) -> tarfile.ReadError:
+    why = next((e[2] for e in events if e[1] == "invalid"), None) or (str(exc) if exc else "no tar header")
+    return tarfile.ReadError(f"not a readable tar archive ({why})")
 
 
 def read_wds_shard(path: Path, limits: ReadLimits | None = None) -> WdsShard:
@@ -389,66 +431,84 @@ def read_wds_shard(path: Path, limits: ReadLimits | None = None) -> WdsShard:
     damage = _Damage()
     with open(path, "rb") as raw:
         head = raw.read(8)
-        raw.seek(0)
         if head.startswith(ZSTD_MAGIC):
-            raise tarfile.ReadError("zstd-compressed shard: curate reads plain, gzip, bzip2 and xz tars; "
+            raise tarfile.ReadError("zstd-compressed shard: curate reads plain, gzip, bzip2, xz and lzma tars; "
                                     "decompress it (`zstd -d`) or recompress it with gzip")
-        compressed = head.startswith(_COMPRESSED_MAGIC)
+        codec = compression_of(head)
         file_bytes = raw.seek(0, io.SEEK_END)
         raw.seek(0)
         reader = _HashingReader(raw)
-        buffered = io.BufferedReader(reader, buffer_size=1 << 20)
-        limit = limits.inflated_limit(file_bytes) if compressed else None
-        watch = _HeaderWatch.watching(limit)
+        stream = io.BufferedReader(reader, buffer_size=1 << 20)
+        limit = inflated = None
+        if codec is not None:
+            # decompressed here, with the openers export and score read the shard with (every
+            # gzip member, every bzip2/xz stream), and stopped at the inflated-size limit
+            limit = limits.inflated_limit(file_bytes)
+            inflated = _Inflated(codec[0](stream, "rb"), limit)
+            stream = io.BufferedReader(inflated, buffer_size=1 << 20)
+        watch = _HeaderWatch.watching()
         events = watch.events
         try:
-            tar = tarfile.open(fileobj=buffered, mode="r|*", tarinfo=watch, ignore_zeros=True)
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=watch, ignore_zeros=True)
         except _InflatedTooFar:
             raise tarfile.ReadError(f"inflates past the limit of {limit:,} bytes before its first member "
                                     f"({file_bytes:,} bytes compressed; ingest --max-inflated-size)") from None
-        except tarfile.TarError as exc:
-            raise tarfile.ReadError(f"not a readable tar archive ({exc})") from None
+        except Exception as exc:  # tarfile, the decompressors, a hostile header's recursion
+            raise _not_a_tar(events, exc) from None
         cur: _Group | None = None
         expected = 0          # where the next header should start
         flagged: list[tuple[WdsRecord | None, _Group, list]] = []  # records next to damage, their issues
         n_members = 0
+        reading = "header"    # what was being read when reading failed
 
         def flush(g: _Group | None) -> None:
             if g is None:
                 return
             n_before = len(issues)
             rec = _finish_record(g, issues, limits)
-            if g.near_damage is not None:
+            if g.near_damage is not None or g.damaged_inside is not None:
                 flagged.append((rec, g, issues[n_before:]))
             elif rec is not None:
                 records.append(rec)
 
+        def keyless(gap_kind: str | None, gap: str) -> None:
+            # what lay wholly inside the damage cannot be named (removed again if a record next to
+            # it turns out to be what was lost: _settle_flagged); a run of zeros names nothing
+            if gap_kind in ("invalid", "truncated"):
+                issues.append((None, None, "tar_damaged", "rejected", gap[:300]))
+
         try:
             while True:
+                reading = "header"
                 info = tar.next()
                 if info is None:
                     break
                 n_members += 1
                 if n_members % 4096 == 0:
                     tar.members.clear()  # stream mode keeps every TarInfo; we need none of them
-                gap = damage.describe(events, expected, info.offset) if info.offset != expected else None
+                gap_kind, gap = (_Damage.kind_of(events, expected, info.offset) if info.offset != expected
+                                 else (None, None))
+                if gap:
+                    damage.regions.append(gap)
                 expected = info.offset_data + (((info.size + 511) // 512) * 512 if info.isreg() else 0)
                 if info.isdir():
+                    if gap and cur is not None:
+                        cur.near_damage = gap
                     flush(cur)  # a directory ends a record: it is never inside a sample's byte range
                     cur = None
                     if gap:
-                        issues.append((None, None, "tar_damaged", "rejected", gap[:300]))
+                        keyless(gap_kind, gap)
                     continue
                 key, ext = _split_name(info.name)
                 if gap:
-                    if cur is not None:
-                        cur.near_damage = gap
-                        if key != cur.key:
+                    if cur is not None and key == cur.key:
+                        cur.damaged_inside = gap  # its byte range would hold the damage: never kept
+                    else:
+                        if cur is not None:
+                            cur.near_damage = gap
                             flush(cur)
                             cur = None
-                    # whatever lay wholly inside the damage cannot be named (removed again if
-                    # a record next to it turns out to be what was lost: _settle_flagged)
-                    issues.append((None, None, "tar_damaged", "rejected", gap[:300]))
+                        keyless(gap_kind, gap)
                 if cur is None or key != cur.key:
                     flush(cur)
                     cur = _Group(key, info.offset, near_damage=gap)
@@ -460,8 +520,9 @@ def read_wds_shard(path: Path, limits: ReadLimits | None = None) -> WdsShard:
                 if not info.isreg() or info.issparse():
                     cur.unsafe.append(("unsafe_member", f"member {info.name[:200]!r} is a {_kind(info)}"))
                     continue
+                reading = "data"
                 if limit is not None and info.offset_data + info.size > limit:
-                    raise _InflatedTooFar(info.offset_data + info.size)
+                    raise _InflatedTooFar(limit)  # it ends past the limit: not inflated at all
                 if info.size > limits.max_member_bytes:
                     cur.too_large.append((ext, info.size))
                     continue  # not read: tarfile skips its data when asked for the next member
@@ -473,27 +534,47 @@ def read_wds_shard(path: Path, limits: ReadLimits | None = None) -> WdsShard:
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
                 cur.data[ext] = data
-        except _InflatedTooFar as exc:
-            fatal = (f"inflates past the limit of {limit:,} bytes at byte {exc.offset:,} "
-                     f"({file_bytes:,} bytes compressed; ingest --max-inflated-size); the rest was not read")
-        except (tarfile.TarError, EOFError, OSError, ValueError, MemoryError) as exc:
-            fatal = f"tar damaged at byte {expected:,}: {exc}"
+        except _InflatedTooFar as exc:  # a member that would end past the limit
+            fatal = (f"inflates past the limit of {limit:,} bytes ({file_bytes:,} bytes compressed; "
+                     "ingest --max-inflated-size); the rest was not read")
+            failed = exc
+        except Exception as exc:  # tarfile, the decompressors, MemoryError, a hostile header's recursion
+            fatal = f"tar damaged at byte {expected:,}: {type(exc).__name__}: {exc}"[:500]
+            failed = exc
+        if inflated is not None and inflated.over:  # tarfile saw the limit as the end of the file
+            fatal = (f"inflates past the limit of {limit:,} bytes ({file_bytes:,} bytes compressed; "
+                     "ingest --max-inflated-size); the rest was not read")
+            failed = _InflatedTooFar(limit)
+        if fatal is not None and n_members == 0:
+            if isinstance(failed, _InflatedTooFar):
+                raise tarfile.ReadError(f"inflates past the limit of {limit:,} bytes before its first member "
+                                        f"({file_bytes:,} bytes compressed; ingest --max-inflated-size)")
+            raise _not_a_tar(events, failed)
+        end_kind, end = _Damage.kind_of(events, expected, None)
+        tail = [e for e in events if e[0] >= expected]
+        if fatal is not None and reading == "header" and tail and all(e[1] == "zero" for e in tail):
+            # past the end-of-archive marker: what follows it in the file (trailing garbage after a
+            # compressed stream, a tail of zeros past the inflated-size limit) is not the archive's
+            fatal = None
         if fatal is not None:
-            if cur is not None:
-                reason = "inflated_too_large" if fatal.startswith("inflates") else "truncated_record"
+            if cur is not None and reading == "data":
+                reason = "inflated_too_large" if isinstance(failed, _InflatedTooFar) else "truncated_record"
                 issues.append((cur.key, None, reason, "rejected", fatal[:300]))
-            cur = None
-        else:
-            end = damage.describe(events, expected, None)
-            if end and cur is not None:
+                cur = None
+            elif cur is not None:  # it failed between members: the one read may be whole
+                cur.near_damage = fatal
+        elif end is not None:
+            damage.regions.append(end)
+            if cur is not None:
                 cur.near_damage = end
+            keyless(end_kind, end)
         flush(cur)
         try:
             tar.close()
         except Exception:
             pass
-        if n_members == 0 and fatal is None and any(e[1] == "invalid" for e in events):
-            raise tarfile.ReadError(f"not a readable tar archive ({next(e[2] for e in events if e[1] == 'invalid')})")
+        if n_members == 0 and any(e[1] == "invalid" for e in events):
+            raise _not_a_tar(events, None)
         reader.drain()
     _settle_flagged(flagged, records, issues)
     errors = damage.regions + ([fatal] if fatal else [])
@@ -510,36 +591,40 @@ def read_wds_shard(path: Path, limits: ReadLimits | None = None) -> WdsShard:
         except Exception:
             stats = None
     records.sort(key=lambda r: r.tar_offset)
-    return WdsShard(records, issues, reader.sha.hexdigest(), reader.pos, error, stats, compressed)
+    return WdsShard(records, issues, reader.sha.hexdigest(), reader.pos, error, stats, codec is not None)
 
 
 def _settle_flagged(flagged, records: list[WdsRecord], issues: list) -> None:
     """Records next to damage: kept when they have the members the shard's other records have
-    (then nothing of theirs was lost); else rejected as `tar_damaged`, naming why."""
+    (then nothing of theirs was lost); else rejected as `tar_damaged`, naming why. A record with
+    damage between its own members is never kept: its byte range holds the damage."""
     if not flagged:
         return
     usual = collections.Counter(tuple(r.members) for r in records).most_common(1)
     usual_members = list(usual[0][0]) if usual else None
     for rec, g, own in flagged:
-        if rec is not None and usual_members is not None and rec.members == usual_members:
+        if (rec is not None and g.damaged_inside is None and usual_members is not None
+                and rec.members == usual_members):
             records.append(rec)
             continue
         # drop what finishing it recorded, and say why it is rejected instead
         own = [i for i in own if i[0] == g.key]
         was = next((i[2] for i in own if i[3] == "rejected"), None)
+        why = g.damaged_inside or g.near_damage
         # the damage is accounted for by this record: no key-less row for it
-        keyless = (None, None, "tar_damaged", "rejected", g.near_damage[:300])
+        keyless = (None, None, "tar_damaged", "rejected", (g.near_damage or "")[:300])
         for i in own + ([keyless] if keyless in issues else []):
             issues.remove(i)
         uid = rec.uid if rec is not None else None
-        detail = (f"members {','.join(sorted(set(g.exts))) or 'none'} next to tar damage"
-                  + (f" ({was})" if was else "") + f": {g.near_damage}")
+        where = "with tar damage between its members" if g.damaged_inside else "next to tar damage"
+        detail = (f"members {','.join(sorted(set(g.exts))) or 'none'} {where}" + (f" ({was})" if was else "")
+                  + f": {why}")
         issues.append((g.key, uid, "tar_damaged", "rejected", detail[:300]))
 
 
 def _sidecar(path: Path, suffix: str) -> Path:
     name = path.name
-    for s in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar"):
+    for s in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.lzma", ".tar.zst", ".tar"):
         if name.endswith(s):
             name = name[: -len(s)]
             break
