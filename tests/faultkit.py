@@ -41,7 +41,8 @@ Files compared byte for byte: every regular file under the workspace except `man
 (and its `.wal`), which is compared table by table (the `.curate.sock` socket is not a regular
 file); `runs/<id>/` is renamed `runs/NEW/` for the run under test; every file under the export
 output directory. `stale_partials` picks out the files only a trial has that are a killed
-process's temporary files (test_faults.py treats those as a known bug, docs/reliability.md).
+process's temporary files, named in the trial report (each is also a difference: the writer lock's
+`Workspace.remove_partials` must have removed it).
 """
 
 from __future__ import annotations
