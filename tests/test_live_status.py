@@ -304,3 +304,33 @@ def test_forked_children_do_not_serve(tmp_path):
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_status_is_live_while_score_runs(tmp_path, tiny_ckpt):
+    """The same during a real `curate score` with its defaults (a DataLoader worker forked from
+    the writer, torch busy in the main thread): status answers, live, and the scores it counts
+    never go down."""
+    pool, ws = tmp_path / "pool", tmp_path / "ws"
+    run_cli("synth", pool, "--layout", "wds", "--n", "1200", "--seed", "4", "--shard-size", "100")
+    run_cli("ingest", pool, "-w", ws)
+    writer = start_writer("score", "-w", ws, "--model", f"curate-tiny-vit@{tiny_ckpt},name=tiny", "--device", "cpu",
+                          "--batch-size", "8", "--json")
+    seen, live = [], 0
+    try:
+        while writer.poll() is None:
+            st = status(ws)  # exits 0 every time (run_cli checks)
+            scored = {s["name"]: s["scores"] for s in st["scorers"]}.get("tiny", 0)
+            seen.append(scored)
+            if st["live"]:
+                live += 1
+                assert [j["command"] for j in st["in_progress"]] == ["score"]
+            time.sleep(0.5)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.communicate(timeout=60)
+    assert writer.returncode == 0
+    assert live >= 2, f"status saw the score live {live} times"
+    assert seen == sorted(seen), "counts from consistent snapshots never go down"
+    final = status(ws)
+    assert final["live"] is False and {s["name"]: s["scores"] for s in final["scorers"]}["tiny"] >= max(seen)
