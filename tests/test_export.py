@@ -138,6 +138,8 @@ def test_wds_export_is_byte_identical_contiguous_and_recorded(pool):
         assert data[:len(body)] == body and not data[len(body):].strip(b"\0") and len(data) % 10240 == 0
         stats = json.loads((out / f"{i:08d}_stats.json").read_text())
         assert stats["count"] == sizes[f"{i:08d}.tar"] and stats["bytes"] == len(data)
+        # img2dataset's keys: DataComp's resharder sizes a folder without sizes.json by `successes`
+        assert stats["successes"] == stats["count"] and stats["failed_to_download"] == stats["failed_to_resize"] == 0
     cmd, status, params = q(pool["ws"], "SELECT command, status, params FROM runs WHERE run_id = ?", [res["run_id"]])[0]
     assert (cmd, status) == ("export", "ok") and json.loads(params)["run"] == pool["run"]
 
@@ -386,6 +388,25 @@ def test_datacomp_submission_and_verify(pool, tmp_path):
     assert not rep["ok"] and rep["not_in_pool"] == 1 and "f" * 32 in rep["errors"][0]
     rep = report(np.zeros(0, dtype="u8,u8"))
     assert not rep["ok"] and "empty" in rep["errors"][0]
+
+    # DataComp's resharder also reads the records with no header (np.memmap, for any file without
+    # the NumPy magic): the same array written raw is valid, in the pool, and so reported
+    raw = tmp_path / "uids.raw"
+    arr.tofile(raw)
+    rep = cj("verify-submission", raw, "-w", pool["ws"])
+    assert rep["ok"] and rep["layout"] == "raw" and rep["samples"] == len(arr) and rep["in_pool"] == len(arr)
+    np.memmap(raw, np.dtype("u8,u8"), mode="r")  # as the resharder opens it
+    rc, rep, _ = cli("verify-submission", raw, check=False)
+    assert rc == 0 and rep["layout"] == "raw"
+    arr[::-1].tofile(raw)
+    rc, rep, _ = cli("verify-submission", raw, check=False)
+    assert rc == 1 and "not sorted" in rep["errors"][0]
+    (tmp_path / "odd.bin").write_bytes(b"x" * 17)
+    rc, rep, _ = cli("verify-submission", tmp_path / "odd.bin", check=False)
+    assert rc == 1 and "not a multiple of 16" in rep["errors"][0]
+    np.save(tmp_path / "strings.npy", np.array(["a" * 32], dtype=object), allow_pickle=True)
+    rc, rep, _ = cli("verify-submission", tmp_path / "strings.npy", check=False)
+    assert rc == 1 and "Python objects" in rep["errors"][0] and "pickle" not in rep["errors"][0]
 
 
 # ---- parquet, metadata-only pools ------------------------------------------------------------

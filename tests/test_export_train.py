@@ -16,18 +16,6 @@ TINY = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
-# open_clip_train's main takes model names only: register the config directory, then hand over.
-WRAPPER = """
-import sys
-import open_clip
-open_clip.add_model_config(sys.argv[1])
-from open_clip_train.data import get_dataset_size
-print("DATASET_SIZE", *get_dataset_size(sys.argv[2]), flush=True)
-from open_clip_train.main import main
-main(sys.argv[3:])
-"""
-
-
 def test_open_clip_trains_one_epoch_on_the_export(tmp_path):
     run_cli("synth", tmp_path / "pool", "--layout", "wds", "--n", 300, "--seed", 0, "--shard-size", 100)
     ws = tmp_path / "ws"
@@ -40,21 +28,23 @@ def test_open_clip_trains_one_epoch_on_the_export(tmp_path):
     assert last >= 1
     pattern = str(out / f"{{00000000..{last:08d}}}.tar")
 
-    cfg = tmp_path / "model_configs"
-    cfg.mkdir()
-    (cfg / "curate-export-tiny.json").write_text(json.dumps(TINY))
-    (tmp_path / "train.py").write_text(WRAPPER)
+    # open_clip 3.3's `local-dir:` schema: a model directory with its open_clip_config.json, no wrapper
+    model_dir = tmp_path / "tiny-model"
+    model_dir.mkdir()
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
     logs = tmp_path / "logs"
-    args = [sys.executable, str(tmp_path / "train.py"), str(cfg), pattern,
+    args = [sys.executable, "-m", "open_clip_train.main",
             "--train-data", pattern, "--train-num-samples", str(n), "--dataset-type", "webdataset",
-            "--model", "curate-export-tiny", "--batch-size", "16", "--epochs", "1", "--device", "cpu",
+            "--model", f"local-dir:{model_dir}", "--batch-size", "16", "--epochs", "1", "--device", "cpu",
             "--workers", "0", "--lr", "1e-3", "--warmup", "2", "--precision", "fp32", "--seed", "0",
             "--logs", str(logs), "--name", "tiny", "--report-to", "", "--save-frequency", "1",
             "--zeroshot-frequency", "0", "--val-frequency", "0", "--log-every-n-steps", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    assert f"DATASET_SIZE {n} {last + 1}" in proc.stdout  # open_clip read our sizes.json
+    from open_clip_train.data import get_dataset_size
+
+    assert get_dataset_size(pattern) == (n, last + 1)  # open_clip reads our sizes.json
 
     log = (logs / "tiny" / "out.log").read_text()
     assert "Train Epoch: 0" in log and "Loss" in log

@@ -116,13 +116,16 @@ def _export(ws, m, sel, fmt: str, out: Path, params: dict, *, dry_run: bool) -> 
 
 @app.command("verify-submission")
 def verify_submission(
-    file: Annotated[Path, typer.Argument(help="The DataComp submission (.npy) to check.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="The DataComp submission to check: a .npy, or the headerless "
+                                              "u8,u8 memory map DataComp's resharder also reads.",
+                                         show_default=False)],
     workspace: Annotated[Optional[Path], typer.Option(
         "-w", "--workspace", help="Also check that every uid is in this workspace's pool.", show_default=False)] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Treat repeated uids as an error.")] = False,
     json_output: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """Check a DataComp submission: dtype `u8,u8`, sorted ascending, repeated uids (a warning:
+    """Check a DataComp submission (`np.save`d, or headerless raw `u8,u8` records as DataComp's
+    resharder also reads them; the report's `layout` says which): dtype `u8,u8`, sorted ascending, repeated uids (a warning:
     DataComp reads them as repeated samples; an error with --strict), and with -w membership
     in the pool. Prints its size. Exit 1 when it is invalid.
 

@@ -4,6 +4,10 @@ Format (DataComp, Gadre et al. 2023, `mlfoundations/datacomp`): a 1-D numpy stru
 dtype `np.dtype("u8,u8")` (fields f0, f1: little-endian uint64), each uid converted as
 `divmod(int(uid, 16), 2**64)` → (high, low), sorted ascending, saved with `np.save`.
 
+DataComp's resharder also reads the same records with no header at all (a raw memory map:
+`np.memmap(path, np.dtype("u8,u8"))`, used for any file without the NumPy magic); `curate
+verify-submission` accepts both layouts and says which it found.
+
 An unsorted file makes the resharder write the wrong samples silently, so the exporter checks
 the temporary file with the same code as `curate verify-submission` before renaming it into place.
 
@@ -70,14 +74,33 @@ def write_submission(manifest, sel: Selection, out: Path, *, overwrite: bool = F
     return summary
 
 
-def _load(path: Path) -> np.ndarray:
+def _load(path: Path) -> tuple[np.ndarray, str]:
+    """The array and its layout: `npy` (np.save) or `raw` (the headerless `u8,u8` memory map
+    DataComp's README allows and its resharder reads: any file without the .npy magic)."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except (ValueError, OSError, EOFError) as exc:
-        # object arrays or pickles (allow_pickle=False), truncated files, not .npy at all
-        raise _Invalid(f"not a loadable .npy array ({exc})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a submission file") from None
+    if magic != b"\x93NUMPY":
+        size = path.stat().st_size
+        if size == 0:
+            raise _Invalid("the file is empty")
+        if size % SUBMISSION_DTYPE.itemsize:
+            raise _Invalid(f"neither a .npy file (no NumPy header) nor a headerless u8,u8 array: {size:,} bytes "
+                           f"is not a multiple of {SUBMISSION_DTYPE.itemsize}")
+        return np.memmap(path, SUBMISSION_DTYPE, mode="r"), "raw"
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False), "npy"
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise _Invalid("a .npy of Python objects (e.g. uid strings), not the u8,u8 pairs DataComp reads; "
+                           "convert each uid with divmod(int(uid, 16), 2**64)") from None
+        raise _Invalid(f"a .npy file whose header cannot be read ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise _Invalid(f"a truncated .npy file ({exc})") from None
 
 
 class _Invalid(Exception):
@@ -89,7 +112,7 @@ def verify_submission(path: str | Path, manifest=None, *, strict: bool = False, 
     path = Path(path)
     rep: dict = {"file": str(path), "ok": False, "samples": 0, "errors": [], "warnings": []}
     try:
-        arr = _load(path)
+        arr, rep["layout"] = _load(path)
     except _Invalid as exc:
         rep["errors"].append(str(exc))
         return rep

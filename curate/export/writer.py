@@ -280,7 +280,11 @@ def _write_shard(task: dict) -> dict:
     finally:
         sources.close()
     nbytes = (out_dir / name).stat().st_size
-    stats = {"shard": name, "count": len(rows), "bytes": nbytes, "plan": task["plan"],
+    # img2dataset's keys first (DataComp's resharder reads `successes` when there is no sizes.json),
+    # then curate's; no clock values, so a resumed export writes the same bytes
+    stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
+             "status_dict": {"success": len(rows)},
+             "shard": name, "bytes": nbytes, "plan": task["plan"],
              "first_uid": rows[0][0] if rows else None, "last_uid": rows[-1][0] if rows else None, **counts}
     with _replace_into(out_dir / stats_name(name), fsync=False) as tmp:
         tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
