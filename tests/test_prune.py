@@ -176,3 +176,26 @@ def test_failed_and_killed_runs_leave_no_decisions(dc, tmp_path):
         assert n == len(df)
     finally:
         con.close()
+
+
+def test_decode_failures_refuses_images_no_score_run_decoded(tmp_path, tiny_ckpt):
+    """decode_failures reads what `curate score` found: over images nobody decoded it would keep
+    the truncated ones, so it stops with one line (or, with require_score = false, warns)."""
+    from conftest import manifest_rows
+
+    pool, ws = tmp_path / "pool", tmp_path / "ws"
+    run_cli("synth", pool, "--layout", "wds", "--n", "300", "--seed", "9", "--shard-size", "100")
+    run_json("ingest", pool, "-w", ws)
+    recipe = tmp_path / "decode.toml"
+    recipe.write_text('name = "decode"\n[[stages]]\nstage = "decode_failures"\n')
+    proc = run_cli("prune", "-w", ws, "--pipeline", recipe, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no `curate score` run has decoded" in lines[0], proc.stderr
+    out = run_json("prune", "-w", ws, "--pipeline", recipe, "--set", "decode_failures.require_score=false")
+    assert out["kept"] == out["pool"] and any("decode failures are unknown" in w for w in out["warnings"])
+    run_json("score", "-w", ws, "--model", f"curate-tiny-vit@{tiny_ckpt},name=tiny", "--device", "cpu")
+    out = run_json("prune", "-w", ws, "--pipeline", recipe)
+    undecodable = {u for (u,) in manifest_rows(ws, "SELECT uid FROM sample_issues WHERE reason = 'undecodable'")}
+    dropped = {u for (u,) in manifest_rows(ws, "SELECT uid FROM decisions WHERE run_id = ? AND NOT keep",
+                                           [out["run_id"]])}
+    assert undecodable and dropped == undecodable and not out["warnings"]

@@ -491,6 +491,8 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
                 from ..stages import langid
 
                 langid.use_memo(languages_later)
+            if stage.needs_score_run:
+                _check_score_run(manifest, sid, stage, warnings)
             over_pool = stage._apply_to == "pool"
             # clustering stages over the survivors read them cluster by cluster from the pool's
             # cluster index: no per-sample arrays, decisions in cluster order (staged, below)
@@ -569,6 +571,22 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
     return {"recipe": recipe.name, "pool": n_pool, "kept": n_alive,
             "kept_fraction": round(n_alive / n_pool, 6) if n_pool else 0.0,
             "funnel": [o.as_dict() for o in outcomes], "warnings": warnings}
+
+
+def _check_score_run(manifest, sid: str, stage: Stage, warnings: list[str]) -> None:
+    """A stage that reads what `curate score` found out about images (decode failures) over a
+    pool whose images no score run has decoded would keep them all, the broken ones too."""
+    n = manifest.scalar(
+        "SELECT count(*) FROM samples s WHERE s.status = 'ok' AND s.image_ext IS NOT NULL AND s.shard_id NOT IN "
+        "(SELECT DISTINCT e.shard_id FROM embeddings e JOIN scorers c ON c.name = e.scorer "
+        "WHERE c.kind <> 'provided' AND e.kind = 'img')")
+    if not n:
+        return
+    msg = (f"stage {sid}: {n:,} samples have images that no `curate score` run has decoded, so their decode "
+           "failures are unknown")
+    if getattr(stage, "require_score", True):
+        raise UsageError(msg + f"; run `curate score` first, or --set {sid}.require_score=false to keep them")
+    warnings.append(msg + "; they are kept")
 
 
 def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str, dec: pl.DataFrame,

@@ -249,6 +249,9 @@ class Stage:
     # True: the stage identifies caption languages through langid's memo (shared by the run's
     # language-aware stages); the runner forgets it after the last such stage.
     remembers_languages: ClassVar[bool] = False
+    # True: the stage reads what `curate score` recorded about images (decode failures); the
+    # runner refuses to run it over images no score run has decoded, unless `require_score` is off.
+    needs_score_run: ClassVar[bool] = False
     _apply_to: str = "survivors"  # set by the runner from the recipe ("survivors" | "pool")
 
     def params(self) -> dict:

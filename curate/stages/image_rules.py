@@ -14,6 +14,7 @@ import math
 
 import polars as pl
 
+from ..errors import UsageError
 from .base import Stage, StageInput, StageResult, register_stage
 from .filters_datacomp import (Rule, decisions_from, empty_decisions, fails_above, fails_below, first_failure,
                                require_columns, size_rules)
@@ -98,10 +99,20 @@ class DecodeFailures(Stage):
     undecodable image, or `bad_embedding: ` followed by what is wrong. Reasons `bad_embedding`
     (detail = what is wrong, e.g. `datacomp-l14 img: non-finite values`) and `undecodable`
     (detail = the recorded error); value NaN.
+
+    Images are decoded by `curate score`: over a pool with images that no score run has covered
+    the stage would keep everything (a truncated JPEG included), so the runner stops with one
+    line instead; `require_score = false` runs it anyway, with a warning.
     """
 
     name = "decode_failures"
     scope = "row"
+    needs_score_run = True
+
+    def __init__(self, require_score: bool = True):
+        if not isinstance(require_score, bool):
+            raise UsageError(f"decode_failures require_score must be true or false, got {require_score!r}")
+        self.require_score = require_score
 
     def needs_columns(self):
         return ["decode_error"]
