@@ -8,6 +8,11 @@ measures the naive approach (read every parquet and np.load every npz array into
     python benchmarks/bench_ingest.py --rows 1000000 --shard-rows 100000 --out benchmarks/out/ingest
 
 Target (issue #2): 1M rows ingest with peak memory under 1.5 GB.
+
+`--layout wds` ingests webdataset tars made by `curate synth` instead (`--compressed`: .tar.gz).
+`--baseline DIR` also times the curate package of another checkout (e.g. a `git worktree` of an
+older commit) on the same pool in the same run, for a ratio that the machine's noise does not
+decide.
 """
 
 from __future__ import annotations
@@ -57,6 +62,21 @@ def generate(out: Path, rows: int, shard_rows: int, seed: int = 0) -> None:
         del arrays
 
 
+def generate_wds(out: Path, rows: int, shard_rows: int, compressed: bool) -> None:
+    if out.exists():
+        return
+    cmd = [sys.executable, "-m", "curate", "synth", str(out), "--layout", "wds", "--n", str(rows),
+           "--shard-size", str(shard_rows), "--seed", "0", "--quiet"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    if compressed:  # gzip each tar (level 6, as `gzip` does), keep the sidecars
+        import gzip
+
+        for tar in sorted(out.glob("*.tar")):
+            with open(tar, "rb") as src, gzip.open(str(tar) + ".gz", "wb", compresslevel=6) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            tar.unlink()
+
+
 def run_child(code: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -77,22 +97,37 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/ingest"))
     ap.add_argument("--keep", action="store_true", help="keep the generated pool and workspace")
+    ap.add_argument("--layout", choices=("datacomp", "wds"), default="datacomp")
+    ap.add_argument("--compressed", action="store_true", help="wds: gzip the tars")
+    ap.add_argument("--baseline", type=Path, help="a checkout whose curate to time on the same pool too")
     args = ap.parse_args()
-    pool = args.out / f"pool-{args.rows}"
+    pool = args.out / f"pool-{args.layout}{'-gz' if args.compressed else ''}-{args.rows}"
     t0 = time.perf_counter()
-    generate(pool, args.rows, args.shard_rows)
+    if args.layout == "wds":
+        generate_wds(pool, args.rows, args.shard_rows, args.compressed)
+    else:
+        generate(pool, args.rows, args.shard_rows)
     gen_s = time.perf_counter() - t0
     ws = args.out / "ws"
     shutil.rmtree(ws, ignore_errors=True)
 
-    ingest_code = (f"import sys; sys.argv=['curate','ingest',{str(pool)!r},'-w',{str(ws)!r},'--quiet','--json'];"
-                   "from curate.cli.main import main; rc=main(); assert rc==0, rc;" + PEAK)
-    ingest_s, ingest_mb = run_child(ingest_code)
-    again_s, again_mb = run_child(ingest_code)
-    naive_code = (f"import glob, numpy as np, pyarrow.parquet as pq; keep=[];"
+    def ingest_code(checkout: Path | None) -> str:
+        path = f"sys.path.insert(0, {str(checkout.resolve())!r});" if checkout else ""
+        return (f"import sys; {path} sys.argv=['curate','ingest',{str(pool)!r},'-w',{str(ws)!r},'--quiet','--json'];"
+                "from curate.cli.main import main; rc=main(); assert rc==0, rc;" + PEAK)
+
+    baseline = {}
+    if args.baseline:
+        base_s, base_mb = run_child(ingest_code(args.baseline))
+        shutil.rmtree(ws, ignore_errors=True)
+        baseline = {"baseline": str(args.baseline), "baseline_ingest_s": round(base_s, 2),
+                    "baseline_peak_rss_mb": round(base_mb)}
+    ingest_s, ingest_mb = run_child(ingest_code(None))
+    again_s, again_mb = run_child(ingest_code(None))
+    naive_code = (f"import glob, numpy as np, pyarrow.parquet as pq; keep=[];"  # DataComp layout only
                   f"[keep.append((pq.read_table(p), {{k: np.asarray(v) for k, v in np.load(p[:-8]+'.npz').items()}}))"
                   f" for p in sorted(glob.glob({str(pool)!r}+'/*.parquet'))];" + PEAK)
-    naive_s, naive_mb = run_child(naive_code)
+    naive_s, naive_mb = run_child(naive_code) if args.layout == "datacomp" else (None, None)
     import duckdb
     con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
     n = con.execute("SELECT count(*) FROM samples").fetchone()[0]
@@ -102,9 +137,11 @@ def main() -> None:
         "rows": args.rows, "generated_s": round(gen_s, 1), "samples_ingested": n, "scores": nscores,
         "ingest_s": round(ingest_s, 2), "ingest_rows_per_s": round(n / ingest_s),
         "ingest_peak_rss_mb": round(ingest_mb), "reingest_s": round(again_s, 2), "reingest_peak_rss_mb": round(again_mb),
-        "naive_load_s": round(naive_s, 2), "naive_load_peak_rss_mb": round(naive_mb),
-        "pool_bytes_mb": round(sum(f.stat().st_size for f in pool.iterdir()) / 2**20),
+        **({"naive_load_s": round(naive_s, 2), "naive_load_peak_rss_mb": round(naive_mb)} if naive_s else {}),
+        "pool_bytes_mb": round(sum(f.stat().st_size for f in pool.iterdir()) / 2**20), **baseline,
     }
+    if baseline:
+        result["ratio_to_baseline_s"] = round(ingest_s / baseline["baseline_ingest_s"], 3)
     print(json.dumps(result, indent=2))
     if not args.keep:
         shutil.rmtree(ws, ignore_errors=True)
