@@ -11,7 +11,9 @@
     # ... parameters ...
 
 `--set ID.PARAM=VALUE` overrides a parameter (VALUE is read as a TOML value, else as a
-string); `--set '*.PARAM=VALUE'` sets it on every stage that takes that parameter (e.g.
+string; for a stage with exclusive parameters, e.g. clip_score's `threshold` and `fraction`,
+setting one clears the others: `--set clip_score.threshold=0.28` turns a top-fraction recipe into
+a threshold one); `--set '*.PARAM=VALUE'` sets it on every stage that takes that parameter (e.g.
 `--set '*.scorer=dfn'`); `--set seed=3` sets the recipe's seed. A recipe is found by path, or by name in
 ./pipelines/ and then in the pipelines shipped with curate.
 """
@@ -118,6 +120,19 @@ def _accepts(stage: str, param: str) -> bool:
     return param in inspect.signature(get_stage(stage).__init__).parameters
 
 
+def _set_param(spec: StageSpec, param: str, value) -> None:
+    """Set a stage parameter; setting one of a group of exclusive parameters (clip_score's
+    `threshold` / `fraction`) clears the others, so `--set` switches the stage's mode."""
+    from .stages import get_stage
+
+    for group in get_stage(spec.stage).exclusive_params:
+        if param in group:
+            for other in group:
+                if other != param:
+                    spec.params.pop(other, None)
+    spec.params[param] = value
+
+
 def apply_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
     recipe = copy.deepcopy(recipe)
     by_id = {s.id: s for s in recipe.stages}
@@ -137,7 +152,7 @@ def apply_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
             if not targets:
                 raise UsageError(f"--set {item!r}: no stage of this recipe takes a {param!r} parameter")
             for spec in targets:
-                spec.params[param] = _parse_value(raw.strip())
+                _set_param(spec, param, _parse_value(raw.strip()))
             continue
         if sid not in by_id:
             raise UsageError(f"--set {item!r}: no stage with id {sid!r} (stage ids: {', '.join(by_id)})")
@@ -147,5 +162,5 @@ def apply_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
                 raise UsageError(f"--set {item!r}: apply_to must be one of {APPLY_TO}")
             by_id[sid].apply_to = value
         else:
-            by_id[sid].params[param] = value
+            _set_param(by_id[sid], param, value)
     return recipe

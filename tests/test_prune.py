@@ -88,7 +88,24 @@ def test_clip_score_fraction_and_threshold(dc, col, scorer, tmp_path):
     recipe = tmp_path / "threshold.toml"
     recipe.write_text(f'name = "t"\n[[stages]]\nstage = "clip_score"\nscorer = "{scorer}"\nthreshold = {t!r}\n')
     run_json("prune", "-w", ws, "-p", recipe)
-    assert kept(ws) == set(df.uid[df[col].astype(np.float32) >= np.float32(t)])
+    want = set(df.uid[df[col].astype(np.float32) >= np.float32(t)])
+    assert kept(ws) == want
+    # the shipped top-fraction recipe switched to a threshold with --set (fraction is cleared),
+    # and back; the resolved parameters are what the run records
+    out = run_json("prune", "-w", ws, "-p", "datacomp_clip_l14_30", "--set", f"clip_score.scorer={scorer}",
+                   "--set", f"clip_score.threshold={t!r}")
+    assert kept(ws) == want
+    con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
+    params = json.loads(con.execute("SELECT params FROM runs WHERE run_id = ?", [out["run_id"]]).fetchone()[0])
+    stage_params = json.loads(con.execute("SELECT params FROM stage_stats WHERE run_id = ?",
+                                          [out["run_id"]]).fetchall()[0][0])["params"]
+    con.close()
+    (spec,) = params["recipe"]["stages"]
+    assert spec["params"]["threshold"] == t and "fraction" not in spec["params"]
+    assert stage_params["threshold"] == t and stage_params["fraction"] is None
+    run_json("prune", "-w", ws, "-p", "datacomp_clip_l14_30", "--set", f"clip_score.scorer={scorer}",
+             "--set", f"clip_score.threshold={t!r}", "--set", "clip_score.fraction=0.3")
+    assert kept(ws) == datacomp_fraction(df, col, 0.3)
     run_json("prune", "-w", ws, "-p", "datacomp_laion2b", "--set", f"laion2b.scorer={scorer}",
              "--set", f"laion2b.threshold={t}")
     # laion2b = score part ∩ English; check the score part exactly on the rows it kept and dropped for score

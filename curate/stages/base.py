@@ -252,6 +252,9 @@ class Stage:
     # True: the stage reads what `curate score` recorded about images (decode failures); the
     # runner refuses to run it over images no score run has decoded, unless `require_score` is off.
     needs_score_run: ClassVar[bool] = False
+    # Groups of parameters of which a recipe sets one (e.g. clip_score's threshold or fraction):
+    # `--set` of one clears the others of its group, so a recipe switches modes.
+    exclusive_params: ClassVar[tuple[tuple[str, ...], ...]] = ()
     _apply_to: str = "survivors"  # set by the runner from the recipe ("survivors" | "pool")
 
     def params(self) -> dict:

@@ -322,6 +322,7 @@ class ClipScore(Stage):
     """
 
     name = "clip_score"
+    exclusive_params = (("threshold", "fraction"),)
 
     def needs_columns(self):
         return []
