@@ -82,6 +82,7 @@ def corpus() -> list[tuple[str, dict[str, bytes], str]]:
         ("badjson", {"jpg": jpg, "txt": cap("json is a list"), "json": b"[1, 2]"}, "scored+warning:bad_json"),
         ("baduid", {"jpg": jpg, "txt": cap("uid is junk"), "json": json.dumps({"uid": "nothex"}).encode()},
          "scored+warning:bad_uid"),
+        ("blankuid", {"jpg": jpg, "txt": cap("uid is blank"), "json": json.dumps({"uid": " \t"}).encode()}, "scored"),
         ("hugeint", {"jpg": jpg, "txt": cap("width overflows"),
                      "json": json.dumps({"original_width": 10**30, "original_height": -5}).encode()}, "scored"),
         ("nocaption", {"jpg": jpg}, "unscored:+warning:missing_caption"),

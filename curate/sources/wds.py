@@ -37,7 +37,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..export.tario import ZSTD_MAGIC, compression_of, unsafe_name
-from ..uids import normalise_uid
+from ..uids import UID_SPACE, normalise_uid
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _HEADER_PROBE_BYTES = 1 << 16
@@ -331,7 +331,8 @@ def _finish_record(g: _Group, issues: list, limits: ReadLimits) -> WdsRecord | N
         except Exception as exc:
             issues.append((key, None, "bad_json", "warning", f"json member unreadable: {exc}"[:300]))
             meta = {}
-    if meta.get("uid") is not None:
+    # A blank uid (nothing but white space) counts as no uid, as in a URL table's empty cell.
+    if meta.get("uid") is not None and str(meta["uid"]).strip(UID_SPACE):
         rec.uid = normalise_uid(str(meta["uid"]))
         if rec.uid is None:
             issues.append((key, None, "bad_uid", "warning", f"json uid {str(meta['uid'])[:80]!r} is not 32 hex chars; derived one"))
