@@ -22,7 +22,7 @@ import duckdb
 from . import __version__
 from .errors import CurateError, WorkspaceLocked, is_interrupt
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
@@ -72,7 +72,17 @@ SCHEMA = [
         members      VARCHAR,          -- tar member extensions, e.g. 'jpg,json,txt'
         tar_offset   BIGINT,           -- byte offset of the sample's first tar header in the shard
         tar_end      BIGINT,           -- byte offset just past its last member's (padded) data
-        status       VARCHAR           -- ok | pending (URL not downloaded yet) | failed (download failed)
+        status       VARCHAR,          -- ok | pending (URL not downloaded yet) | failed (download failed)
+        -- Where the sample's image is (NULL: no image held). A webdataset sample's own shard and row;
+        -- a DataComp metadata sample's downloaded image, attached by uid from an image shard
+        -- (shard_id/row_idx stay the metadata's: its npz embeddings are row-aligned). image_ext,
+        -- image_bytes, members, tar_offset and tar_end describe this image record.
+        img_shard_id BIGINT,           -- the tar shard holding the image
+        img_key      VARCHAR,          -- its key in that tar
+        img_row      BIGINT,           -- its row in that shard's computed embeddings (curate score)
+        img_width    INTEGER,          -- the stored image's own size (width/height: the original's)
+        img_height   INTEGER,
+        img_sha256   VARCHAR           -- the sha256 img2dataset recorded for the download (json `sha256`)
     )""",
     """CREATE TABLE IF NOT EXISTS sample_issues (
         run_id    BIGINT,
@@ -213,6 +223,20 @@ class Manifest:
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
                 [str(SCHEMA_VERSION), f"curate {__version__}"],
             )
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a manifest written by an older curate to this schema (inside init's transaction)."""
+        have = {r[0] for r in self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'samples'").fetchall()}
+        if "img_shard_id" not in have:  # schema 1 -> 2: image locations
+            for col, typ in (("img_shard_id", "BIGINT"), ("img_key", "VARCHAR"), ("img_row", "BIGINT"),
+                             ("img_width", "INTEGER"), ("img_height", "INTEGER"), ("img_sha256", "VARCHAR")):
+                self.con.execute(f"ALTER TABLE samples ADD COLUMN {col} {typ}")
+            self.con.execute("UPDATE samples SET img_shard_id = shard_id, img_key = key, img_row = row_idx "
+                             "WHERE image_ext IS NOT NULL")
+        self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value::INTEGER < ?",
+                         [str(SCHEMA_VERSION), SCHEMA_VERSION])
 
     def trim(self) -> None:
         """Let DuckDB drop the table blocks it keeps cached (they count as this process's memory

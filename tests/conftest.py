@@ -80,3 +80,17 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save(open_clip.create_model("curate-tiny-vit").state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def local_only():
+    """Requests go to 127.0.0.1 directly even when a proxy is configured (download tests:
+    `pytestmark = pytest.mark.usefixtures("local_only")`)."""
+    old = {k: os.environ.get(k) for k in ("no_proxy", "NO_PROXY")}
+    os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

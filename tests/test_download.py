@@ -49,17 +49,7 @@ PER_SHARD = 4  # 11 URLs -> shards 00000 (4), 00001 (4), 00002 (3)
 OPTS = dict(processes=1, threads=8, timeout=2, retries=1, number_sample_per_shard=PER_SHARD)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _local_only():
-    # Requests go to 127.0.0.1 directly even when a proxy is configured.
-    old = {k: os.environ.get(k) for k in ("no_proxy", "NO_PROXY")}
-    os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("local_only")
 
 
 @pytest.fixture(scope="module")

@@ -39,3 +39,39 @@ def test_working_limit_never_above_the_full_one(tmp_path, monkeypatch):
     m = Manifest(tmp_path / "manifest.duckdb")
     assert m.working_limit == "100MB"
     m.close()
+
+
+def test_schema_1_manifest_gains_image_locations(tmp_path):
+    """A manifest written before image locations existed (schema 1) is brought to schema 2 by
+    the next writer: its webdataset samples' images are where the samples are; then score and
+    export read them there."""
+    import tarfile
+
+    import duckdb
+
+    from conftest import add_member, jpeg_bytes, run_cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "00000.tar", "w") as tf:
+        for i in range(3):
+            add_member(tf, f"k{i}.jpg", jpeg_bytes(64 + i, 48))
+            add_member(tf, f"k{i}.txt", f"caption {i}".encode())
+    ws = tmp_path / "ws"
+    run_cli("ingest", src, "-w", ws)
+    con = duckdb.connect(str(ws / "manifest.duckdb"))
+    for col in ("img_shard_id", "img_key", "img_row", "img_width", "img_height", "img_sha256"):
+        con.execute(f"ALTER TABLE samples DROP COLUMN {col}")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.close()
+    out = tmp_path / "out"
+    run_cli("export", "-w", ws, "--all", "--format", "wds", "--out", out)  # a writer: migrates first
+    con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("2",)]
+        rows = con.execute("SELECT img_shard_id = shard_id, img_key = key, img_row = row_idx FROM samples").fetchall()
+    finally:
+        con.close()
+    assert rows == [(True, True, True)] * 3
+    with tarfile.open(next(out.glob("*.tar"))) as tf:
+        assert len(tf.getnames()) == 6

@@ -73,7 +73,10 @@ def _status_once(ws: Workspace) -> dict:
         q = lambda sql: m.execute(sql).fetchall()  # noqa: E731
         shards = q("SELECT format, status, count(*), sum(n_samples), sum(n_rejected), sum(bytes) "
                    "FROM shards GROUP BY ALL ORDER BY ALL")
-        samples = q("SELECT source, status, count(*) FROM samples GROUP BY ALL ORDER BY ALL")
+        has_img = q("SELECT count(*) FROM information_schema.columns WHERE table_name = 'samples' "
+                    "AND column_name = 'img_shard_id'")[0][0]  # schema 1 (an older curate's manifest): no column
+        samples = q(f"SELECT source, status, count(*), {'count(img_shard_id)' if has_img else 'count(image_ext)'} "
+                    "FROM samples GROUP BY ALL ORDER BY ALL")
         issues = q("SELECT reason, action, count(*) FROM sample_issues GROUP BY ALL ORDER BY 3 DESC")
         scorers = q("SELECT s.name, s.kind, s.spec, s.dim, (SELECT count(*) FROM scores c WHERE c.scorer = s.name) "
                     "FROM scorers s ORDER BY s.name")
@@ -93,7 +96,7 @@ def _status_once(ws: Workspace) -> dict:
         "n_samples": n_samples,
         "shards": [dict(format=f, status=s, shards=n, samples=int(ns or 0), rejected=int(nr or 0), bytes=int(b or 0))
                    for f, s, n, ns, nr, b in shards],
-        "samples": [dict(source=src, status=st, count=c) for src, st, c in samples],
+        "samples": [dict(source=src, status=st, count=c, with_image=wi) for src, st, c, wi in samples],
         "issues": [dict(reason=r, action=a, count=c) for r, a, c in issues],
         "scorers": [dict(name=n, kind=k, spec=sp, dim=d, scores=c) for n, k, sp, d, c in scorers],
         "runs": [dict(run_id=r, command=c, status=s, started_at=str(a), ended_at=str(e) if e else None)
@@ -139,7 +142,7 @@ def status(workspace: WorkspaceOpt = None, json_output: JsonOpt = False, quiet: 
                              for d in st["in_progress"]])
     console.print_table("shards", ["format", "status", "shards", "samples", "rejected", "bytes"],
                         [tuple(d.values()) for d in st["shards"]])
-    console.print_table("samples", ["source", "status", "count"], [tuple(d.values()) for d in st["samples"]])
+    console.print_table("samples", ["source", "status", "count", "with image"], [tuple(d.values()) for d in st["samples"]])
     if st["issues"]:
         console.print_table("per-sample issues", ["reason", "action", "count"], [tuple(d.values()) for d in st["issues"]])
     console.print_table("scorers", ["name", "kind", "spec", "dim", "scores"], [tuple(d.values()) for d in st["scorers"]])

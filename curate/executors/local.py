@@ -177,13 +177,23 @@ class PoolSource:
         self.m = manifest
         n, max_rid = manifest.one("SELECT count(*) FILTER (WHERE status = 'ok'), coalesce(max(rowid), 0) FROM samples")
         self.n = int(n)
+        # DataComp metadata samples with attached images hold them elsewhere than their own shard:
+        # embeddings that `curate score` computed are found by the image's place (img_shard_id,
+        # img_row), the metadata's own by the sample's (docs/datacomp.md).
+        self.relocated = bool(manifest.scalar(
+            "SELECT count(*) FROM samples WHERE status = 'ok' AND img_shard_id IS NOT NULL AND img_shard_id <> shard_id"))
+        self.provided = {r[0] for r in manifest.execute("SELECT name FROM scorers WHERE kind = 'provided'").fetchall()}
         # Read a batch at a time: shard_id, row_idx and the row id fall into runs in this order
         # (RunArray: a pair per run).
+        img_cols = (", coalesce(img_shard_id, -1)::INTEGER AS img_shard_id, coalesce(img_row, -1)::INTEGER AS img_row"
+                    if self.relocated else "")
         batches = manifest.con.sql(
-            "SELECT rowid AS rid, shard_id::INTEGER AS shard_id, row_idx::INTEGER AS row_idx FROM samples "
+            f"SELECT rowid AS rid, shard_id::INTEGER AS shard_id, row_idx::INTEGER AS row_idx{img_cols} FROM samples "
             "WHERE status = 'ok' ORDER BY shard_id, row_idx, rid").to_arrow_reader(STREAM_BATCH)
         rid_type = np.int32 if max_rid < 2**31 - 1 else np.int64
         build = {"rid": RunBuilder(1, rid_type), "shard_id": RunBuilder(0, np.int32), "row_idx": RunBuilder(1, np.int32)}
+        if self.relocated:
+            build.update(img_shard_id=RunBuilder(0, np.int32), img_row=RunBuilder(1, np.int32))
         at = 0
         for rb in batches:
             for c, b in build.items():
@@ -193,6 +203,8 @@ class PoolSource:
         if at != self.n:
             raise CurateError("the samples table changed while the run was reading it")
         self.rid, self.shard_id, self.row_idx = (build[c].finish() for c in ("rid", "shard_id", "row_idx"))
+        self.img_shard_id, self.img_row = ((build["img_shard_id"].finish(), build["img_row"].finish())
+                                           if self.relocated else (self.shard_id, self.row_idx))
         del build
         self.pos_of_rid = RunInverse(self.rid)
         # The uid rank of each position (a permutation, 4 bytes a sample): the row ids in uid
@@ -221,20 +233,41 @@ class PoolSource:
         # Samples without a usable embedding: undecodable images (detail: the decoder's message) and
         # bad embeddings (non-finite or zero vectors; detail `bad_embedding: ` + what is wrong,
         # which decode_failures reads to name its reason: stages.image_rules.BAD_EMBEDDING_PREFIX).
+        # In a pool of metadata samples only some of which have an image, once `curate score` has
+        # computed embeddings from those images: the samples without one (`no_image: ` + why,
+        # stages.image_rules.NO_IMAGE_PREFIX).
+        no_image = manifest.scalar(
+            "SELECT count(*) FILTER (WHERE img_shard_id IS NULL) > 0 AND count(*) FILTER (WHERE img_shard_id IS NOT "
+            "NULL) > 0 FROM samples WHERE status = 'ok'") and manifest.scalar(
+            "SELECT count(*) FROM embeddings e JOIN scorers c ON c.name = e.scorer WHERE c.kind <> 'provided'")
+        no_image_sql = (
+            " UNION ALL SELECT s.rowid AS rid, 'no_image: ' || coalesce((SELECT any_value(i.reason || ' (' || "
+            "i.detail || ')') FROM sample_issues i WHERE i.uid = s.uid AND i.reason IN ('download_failed', "
+            "'sha256_mismatch')), 'no image was ingested for this sample') AS detail, 1 AS prio FROM samples s "
+            "WHERE s.status = 'ok' AND s.img_shard_id IS NULL") if no_image else ""
         err = manifest.con.sql(
             "SELECT s.rowid AS rid, CASE WHEN bool_or(i.reason = 'undecodable') "
             "THEN any_value(i.detail) FILTER (WHERE i.reason = 'undecodable') "
             "ELSE 'bad_embedding: ' || coalesce(string_agg(DISTINCT i.detail, '; ' ORDER BY i.detail), '') END "
-            "AS detail FROM sample_issues i JOIN samples s ON s.uid = i.uid "
+            "AS detail, 0 AS prio FROM sample_issues i JOIN samples s ON s.uid = i.uid "
             "WHERE s.status = 'ok' AND i.action = 'unscored' AND i.reason IN ('undecodable', 'bad_embedding') "
-            "GROUP BY s.rowid"
+            "GROUP BY s.rowid" + no_image_sql
         ).to_arrow_table()
+        if no_image:  # a sample without an image has no undecodable image nor computed embedding
+            err = pl.from_arrow(err).sort("rid", "prio").unique("rid", keep="last", maintain_order=True).to_arrow()
         epos = self.pos_of_rid[err.column("rid").to_numpy()] if err.num_rows else np.empty(0, np.int32)
         order = np.argsort(epos, kind="stable")
         self.err_pos = epos[order]
         self.err_detail = pl.Series("decode_error", err.column("detail").to_pylist(), dtype=pl.Utf8).gather(order) \
             if err.num_rows else pl.Series("decode_error", [], dtype=pl.Utf8)
         manifest.trim()  # the uid sort's table blocks
+
+    def location(self, scorer: str):
+        """(shard ids, rows) where `scorer`'s embeddings of each position are: the sample's own
+        for embeddings that came with the pool, its image's for those `curate score` computed."""
+        if scorer in self.provided:
+            return self.shard_id, self.row_idx
+        return self.img_shard_id, self.img_row
 
     @property
     def all_decodable(self) -> bool:
@@ -577,7 +610,7 @@ def _check_score_run(manifest, sid: str, stage: Stage, warnings: list[str]) -> N
     """A stage that reads what `curate score` found out about images (decode failures) over a
     pool whose images no score run has decoded would keep them all, the broken ones too."""
     n = manifest.scalar(
-        "SELECT count(*) FROM samples s WHERE s.status = 'ok' AND s.image_ext IS NOT NULL AND s.shard_id NOT IN "
+        "SELECT count(*) FROM samples s WHERE s.status = 'ok' AND s.image_ext IS NOT NULL AND s.img_shard_id NOT IN "
         "(SELECT DISTINCT e.shard_id FROM embeddings e JOIN scorers c ON c.name = e.scorer "
         "WHERE c.kind <> 'provided' AND e.kind = 'img')")
     if not n:
@@ -698,7 +731,7 @@ class _Pool:
             return got, "cache"
         src = self.src
         pos = None if self.all_decodable else np.flatnonzero(src.decodable()).astype(index_dtype(src.n), copy=False)
-        view = ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, spec.scorer, spec.kind),
+        view = ShardEmbeddingView.at(*src.location(spec.scorer), pos, refs(manifest, spec.scorer, spec.kind),
                                      spec.scorer, spec.kind)
         row = src.rank if pos is None else self.index(pos)  # each view row's place in pool order
         del pos
@@ -806,7 +839,7 @@ def _apply_clustered(sid: str, stage: Stage, src: PoolSource, alive: np.ndarray,
         del arrays
         index = pool.cluster_index(spec, manifest, cache)
         wanted = BitSet.of(alive)
-        views = {(sc, kind): ShardEmbeddingView.at(src.shard_id, src.row_idx, None, refs(manifest, sc, kind), sc, kind,
+        views = {(sc, kind): ShardEmbeddingView.at(*src.location(sc), None, refs(manifest, sc, kind), sc, kind,
                                                    only=alive)
                  for sc, kind in stage.needs_embeddings()}
         embed = next(iter(views.values())).take if views else None
@@ -909,7 +942,7 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
                              f"embedding (undecodable images or bad embeddings, see `curate status`); put a "
                              f"decode_failures stage before it")
         frame = stage_frame(src, stage, pos)
-        views = {(sc, kind): ShardEmbeddingView.at(src.shard_id, src.row_idx, pos, refs(manifest, sc, kind), sc, kind)
+        views = {(sc, kind): ShardEmbeddingView.at(*src.location(sc), pos, refs(manifest, sc, kind), sc, kind)
                  for sc, kind in stage.needs_embeddings()}
         inp = StageInput(frame, views, seed, budget, cache, pool_key=src.pool_key)
         if pool is not None and hasattr(stage, "cluster_spec") and frame.height:

@@ -1,7 +1,9 @@
 """Parquet export: one row per selected sample, in canonical order (source shard, then row).
 
 Columns: `uid, url, caption, width, height, sha256, shard` (source path)`, key, row_idx,
-source, image_ext, image_bytes`, one `score__<scorer>` column per scorer in the `scores`
+source, image_ext, image_bytes, image_shard, image_key, img_width, img_height` (where the image
+is and its stored size: for a webdataset sample its own shard and key; for a DataComp metadata
+sample the attached image's, NULL without one), one `score__<scorer>` column per scorer in the `scores`
 table, and `cluster` / `cluster_stage`. The parquet's key-value metadata `curate.export`
 holds the selection, the prune run's resolved parameters (its recipe), the export parameters
 and the curate version.
@@ -56,8 +58,11 @@ def export_parquet(manifest, sel: Selection, out: Path, *, params: dict, overwri
     if dry_run:
         return summary
     clusters = clusters_of(decisions_of(manifest, sel))
-    frame = (samples.select("uid", "url", "caption", "width", "height", "sha256", pl.col("shard_path").alias("shard"),
-                            "key", "row_idx", "source", "image_ext", "image_bytes")
+    frame = (samples.sort("sample_shard", "sample_row")
+             .select("uid", "url", "caption", "width", "height", "sha256", pl.col("sample_shard_path").alias("shard"),
+                     pl.col("sample_key").alias("key"), pl.col("sample_row").alias("row_idx"), "source", "image_ext",
+                     "image_bytes", pl.col("shard_path").alias("image_shard"), pl.col("key").alias("image_key"),
+                     "img_width", "img_height")
              .join(scores, on="uid", how="left", maintain_order="left")
              .join(clusters, on="uid", how="left", maintain_order="left"))
     table = frame.to_arrow()

@@ -11,8 +11,13 @@ import polars as pl
 from ..errors import CurateError, UsageError
 from ..selection import kept_uids, stages_of
 
-SAMPLE_COLUMNS = ("s.url, s.caption, s.width, s.height, s.sha256, s.image_bytes, s.members")
-LOCATION_COLUMNS = ("uid, s.shard_id, s.row_idx, s.key, s.source, s.image_ext, s.tar_offset, s.tar_end, "
+SAMPLE_COLUMNS = ("s.url, s.caption, s.width, s.height, s.sha256, s.image_bytes, s.members, "
+                  "sp.path AS sample_shard_path, s.key AS sample_key, s.row_idx AS sample_row, s.img_width, "
+                  "s.img_height")
+# Where each sample's image is: its own shard for a webdataset sample, the attached image shard
+# for a DataComp metadata sample (NULL without an image); `sample_shard` is the sample's own.
+LOCATION_COLUMNS = ("uid, s.img_shard_id AS shard_id, s.img_row AS row_idx, s.img_key AS key, s.source, s.image_ext, "
+                    "s.tar_offset, s.tar_end, s.shard_id AS sample_shard, "
                     "sh.path AS shard_path, sh.format AS shard_format, sh.bytes AS shard_bytes, sh.mtime AS shard_mtime, "
                     # shards whose member names and types ingest checked (docs/ingest.md, "Unsafe members")
                     "coalesce(json_extract_string(sh.extra, '$.members_checked') = '1', false) AS shard_checked")
@@ -64,15 +69,19 @@ def resolve_selection(manifest, run: int | None, stage: str | None, all_samples:
 
 
 def selected_samples(manifest, sel: Selection, *, metadata: bool = True) -> pl.DataFrame:
-    """The selection's sample rows with their source shard, ordered by (shard_id, row_idx);
-    without `metadata`, only where each sample lives."""
+    """The selection's sample rows with where their image is (`shard_id`, `row_idx`, `key`,
+    `shard_path`, ... of the image's tar; NULL for a sample without an image), ordered by the
+    image's place (those without at the end, in their own shard's order); without `metadata`,
+    only where each image lives."""
     cols = LOCATION_COLUMNS + (", " + SAMPLE_COLUMNS if metadata else "")
+    order = "ORDER BY s.img_shard_id NULLS LAST, s.img_row, s.shard_id, s.row_idx"
     if sel.run_id is None:  # the whole pool: no need to join the uid list back
-        sql = (f"SELECT {cols} FROM samples s LEFT JOIN shards sh ON sh.shard_id = s.shard_id "
-               "WHERE s.status = 'ok' ORDER BY s.shard_id, s.row_idx")
+        sql = (f"SELECT {cols} FROM samples s LEFT JOIN shards sh ON sh.shard_id = s.img_shard_id "
+               f"LEFT JOIN shards sp ON sp.shard_id = s.shard_id WHERE s.status = 'ok' {order}")
     else:
         sql = (f"SELECT {cols} FROM _export_uids u JOIN samples s USING (uid) "
-               "LEFT JOIN shards sh ON sh.shard_id = s.shard_id ORDER BY s.shard_id, s.row_idx")
+               f"LEFT JOIN shards sh ON sh.shard_id = s.img_shard_id LEFT JOIN shards sp ON sp.shard_id = s.shard_id "
+               f"{order}")
     frame = query_with(manifest, {"_export_uids": sel.uids.select("uid")}, sql)
     if frame.height != sel.uids.height:
         raise CurateError(f"{sel.uids.height - frame.height:,} selected uids of {sel.describe()} are no longer in "

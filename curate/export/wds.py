@@ -34,13 +34,16 @@ import pyarrow as pa
 
 from .. import console
 from ..errors import CurateError, UsageError
-from ..workspace import _fsync_dir, atomic_write_json
+from ..workspace import _fsync_dir, atomic_path, atomic_write_json
 from .select import Selection, decisions_of, query_with, scores_wide, selected_samples
 from .tario import END_OF_ARCHIVE, RECORD
 from .writer import init_worker, stats_name, write_shard
 
 PLAN_NAME = "_export_plan.json"
 SIZES_NAME = "sizes.json"
+# The selected samples that have no image to export (DataComp metadata samples whose download
+# failed, or was never ingested): uid, why, and where the sample is.
+WITHOUT_IMAGE_NAME = "without_image.parquet"
 PLAN_VERSION = 1
 _SHARD_RE = re.compile(r"^\d{8}\.tar$")
 _STATS_RE = re.compile(r"^\d{8}_stats\.json$")
@@ -59,7 +62,7 @@ def brace_pattern(n_shards: int) -> str:
 
 
 def is_export_file(name: str) -> bool:
-    return bool(name in (PLAN_NAME, SIZES_NAME) or _SHARD_RE.match(name) or _STATS_RE.match(name)
+    return bool(name in (PLAN_NAME, SIZES_NAME, WITHOUT_IMAGE_NAME) or _SHARD_RE.match(name) or _STATS_RE.match(name)
                 or _PARTIAL_RE.match(name))
 
 
@@ -81,16 +84,34 @@ class WdsOptions:
 
 # ---- the plan -----------------------------------------------------------------------------
 
-def check_exportable(samples: pl.DataFrame) -> None:
-    bad = samples.filter(pl.col("image_ext").is_null() | pl.col("tar_offset").is_null() | pl.col("tar_end").is_null()
-                         | (pl.col("shard_format") != "wds"))
-    if bad.height:
+def _no_image() -> pl.Expr:
+    return (pl.col("image_ext").is_null() | pl.col("tar_offset").is_null() | pl.col("tar_end").is_null()
+            | (pl.col("shard_format") != "wds")).fill_null(True)
+
+
+def check_exportable(samples: pl.DataFrame) -> pl.DataFrame:
+    """The selected samples without an image in a tar shard. Refuses a selection where that is
+    every sample (a metadata-only pool)."""
+    bad = samples.filter(_no_image())
+    if bad.height == samples.height:
         kinds = ", ".join(f"{k or 'unknown'} {n:,}" for k, n in bad.group_by("source").len().sort("source").rows())
         raise UsageError(
             f"{bad.height:,} of the {samples.height:,} selected samples have no image in a tar shard ({kinds}): "
             "metadata-only pools (DataComp metadata, URL tables) cannot be exported as webdataset. Export "
             "`--format datacomp` and reshard with DataComp's tools, or download the images (`curate download`) "
             "and ingest the shards first")
+    return bad
+
+
+def without_image_table(manifest, bad: pl.DataFrame) -> pl.DataFrame:
+    """uid, why it has no image (img2dataset's status for a failed download, a sha256 mismatch,
+    or none ingested), the sample's own shard and key: what `without_image.parquet` lists."""
+    return query_with(manifest, {"_noimg": bad.select("uid")},
+        "SELECT u.uid, coalesce((SELECT any_value(i.reason || ': ' || coalesce(i.detail, '')) FROM sample_issues i "
+        "WHERE i.uid = u.uid AND i.reason IN ('download_failed', 'sha256_mismatch')), "
+        "'no_image: no image shard holding this uid was ingested') AS why, sh.path AS shard, s.key "
+        "FROM _noimg u JOIN samples s USING (uid) LEFT JOIN shards sh ON sh.shard_id = s.shard_id "
+        "ORDER BY s.shard_id, s.row_idx")
 
 
 def check_sources(samples: pl.DataFrame) -> list[str]:
@@ -300,7 +321,9 @@ def export_wds(ws, manifest, sel: Selection, opts: WdsOptions, *, dry_run: bool 
     samples = selected_samples(manifest, sel, metadata=False)
     if samples.height == 0:
         raise UsageError(f"the selection ({sel.describe()}) is empty; nothing to export")
-    check_exportable(samples)
+    no_image = check_exportable(samples)
+    if no_image.height:
+        samples = samples.filter(~_no_image())
     touched = check_sources(samples)
     if opts.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
@@ -310,6 +333,7 @@ def export_wds(ws, manifest, sel: Selection, opts: WdsOptions, *, dry_run: bool 
     plan, facts = build_plan(manifest, sel, samples, opts)
     fp = plan_fingerprint(plan, sel, opts)
     summary = {"format": "wds", "out": str(out), **sel.as_dict(), "samples": facts["samples"],
+               "samples_without_image": no_image.height,
                "shards": facts["shards"], "bytes": facts["bytes"], "renamed_keys": facts["renamed_keys"],
                "source_shards": facts["source_shards"], "pattern": f"{out}/{brace_pattern(facts['shards'])}"}
     if dry_run:
@@ -333,6 +357,15 @@ def export_wds(ws, manifest, sel: Selection, opts: WdsOptions, *, dry_run: bool 
     written = _run_tasks(_tasks(plan, out, fp, opts.shard_size, todo, touched, unchecked), len(todo), opts.workers)
     _fsync_dir(out)  # every shard's rename is durable before sizes.json says the export is complete
     sizes = {shard_name(i): n for i, n in enumerate(facts["counts"])}
+    if no_image.height:
+        with atomic_path(out / WITHOUT_IMAGE_NAME, suffix=".parquet") as tmp:
+            without_image_table(manifest, no_image).write_parquet(tmp)
+        summary["without_image_list"] = str(out / WITHOUT_IMAGE_NAME)
+        console.warn(f"{no_image.height:,} of the {no_image.height + facts['samples']:,} selected samples have no "
+                     f"image (failed or missing downloads) and are not in the shards; listed in "
+                     f"{out / WITHOUT_IMAGE_NAME}")
+    else:
+        (out / WITHOUT_IMAGE_NAME).unlink(missing_ok=True)
     atomic_write_json(out / SIZES_NAME, sizes)
     totals = {k: sum(r.get(k, 0) for r in written) for k in
               ("json_rewritten", "json_added", "json_unreadable", "repeats_dropped", "unsafe_members_dropped")}

@@ -57,17 +57,17 @@ def samples_from_workspace(manifest, run_id: int | None, stage) -> list[TrustedS
     from ..selection import kept_uids
 
     sql = ("SELECT sh.path, s.tar_offset, s.tar_end, s.image_ext, s.caption FROM samples s "
-           "JOIN shards sh USING (shard_id) WHERE s.status = 'ok' AND s.image_ext IS NOT NULL "
+           "JOIN shards sh ON sh.shard_id = s.img_shard_id WHERE s.status = 'ok' AND s.image_ext IS NOT NULL "
            "AND s.caption IS NOT NULL AND trim(s.caption) <> ''")
     if run_id is not None or stage is not None:
         _, _, kept = kept_uids(manifest, run_id, stage)
         manifest.con.register("_kept", kept.to_arrow())
         try:
-            rows = manifest.execute(sql + " AND s.uid IN (SELECT uid FROM _kept) ORDER BY s.shard_id, s.row_idx").fetchall()
+            rows = manifest.execute(sql + " AND s.uid IN (SELECT uid FROM _kept) ORDER BY s.img_shard_id, s.img_row").fetchall()
         finally:
             manifest.con.unregister("_kept")
     else:
-        rows = manifest.execute(sql + " ORDER BY s.shard_id, s.row_idx").fetchall()
+        rows = manifest.execute(sql + " ORDER BY s.img_shard_id, s.img_row").fetchall()
     return [TrustedSample(*r) for r in rows]
 
 

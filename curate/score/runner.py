@@ -64,11 +64,13 @@ class ScoreOptions:
 
 def plan_jobs(manifest, scorer_names: list[str], *, flip: bool, force: bool) -> tuple[list[ShardJob], int]:
     """The image shards still to score (and how many are already done)."""
+    # Every image, where it is: a webdataset sample's own shard, or the image shard attached to a
+    # DataComp metadata sample; embeddings are written per image shard, row-aligned with img_row.
     frame = manifest.frame(
-        "SELECT s.shard_id, sh.path, s.row_idx, s.uid, s.key, s.tar_offset, s.tar_end, s.image_ext, s.caption "
-        "FROM samples s JOIN shards sh USING (shard_id) "
+        "SELECT s.img_shard_id AS shard_id, sh.path, s.img_row AS row_idx, s.uid, s.img_key AS key, s.tar_offset, "
+        "s.tar_end, s.image_ext, s.caption FROM samples s JOIN shards sh ON sh.shard_id = s.img_shard_id "
         "WHERE s.status = 'ok' AND s.image_ext IS NOT NULL AND sh.format = 'wds' "
-        "ORDER BY s.shard_id, s.row_idx")
+        "ORDER BY s.img_shard_id, s.img_row")
     if frame.height == 0:
         return [], 0
     kinds = ["img", "txt"] + (["img_flip"] if flip else [])

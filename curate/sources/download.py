@@ -82,7 +82,7 @@ _OUTPUT_OPTIONS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode
                    "min_image_size", "max_image_area", "max_aspect_ratio", "skip_reencode",
                    "disable_all_reencoding", "upscale_interpolation", "downscale_interpolation")
 # Ours to set: extra options may not override them.
-_RESERVED = {"url_list", "output_folder", "input_format", "url_col", "caption_col", "save_additional_columns",
+_RESERVED = {"url_list", "output_folder", "input_format", "url_col", "caption_col", "save_additional_columns", "bbox_col",
              "output_format", "incremental_mode", "distributor", "enable_wandb", "processes_count",
              "thread_count", "timeout", "retries"}
 
@@ -263,11 +263,14 @@ def download_urls(
     extra: dict[str, Any] | None = None,
     url_col: str | None = None,
     caption_col: str | None = None,
+    bbox_col: str | None = None,
 ) -> DownloadResult:
     """Download TABLE (a `UrlTable` or a path `read_url_table` reads) into webdataset shards in OUT_DIR.
 
     `extra` passes further `img2dataset.download` options through (e.g. min_image_size,
-    max_aspect_ratio, user_agent_token, disallowed_header_directives). Raises UsageError for bad
+    max_aspect_ratio, user_agent_token, disallowed_header_directives). `bbox_col`: a column of
+    the table's frame holding boxes (x0, y0, x1, y1, fractions of the image) that img2dataset
+    blurs, as DataComp's download blurs `face_bboxes`. Raises UsageError for bad
     options or an OUT_DIR holding a different download; CurateError when img2dataset itself fails.
     """
     from .urls import UrlTable, read_url_table
@@ -287,7 +290,9 @@ def download_urls(
     if clash:
         raise UsageError(f"set {', '.join(sorted(clash))} with download_urls' own arguments, not `extra`")
 
-    frame = table.frame.select("url", "caption", "uid")
+    if bbox_col is not None and bbox_col not in table.frame.columns:
+        raise UsageError(f"no {bbox_col!r} column to blur by in {table.path}")
+    frame = table.frame.select("url", "caption", "uid", *([bbox_col] if bbox_col else []))
     n = frame.height
     expected = math.ceil(n / number_sample_per_shard) if n else 0
     output_opts = {
@@ -295,6 +300,7 @@ def download_urls(
         "encode_format": encode_format, "encode_quality": encode_quality,
         "number_sample_per_shard": number_sample_per_shard, "compute_hash": compute_hash,
         "extract_exif": extract_exif, "oom_shard_count": shard_digits,
+        **({"bbox_col": bbox_col} if bbox_col else {}),
         **{k: v for k, v in extra.items() if k in _OUTPUT_OPTIONS},
     }
     meta = {"version": META_VERSION, "input_digest": _input_digest(frame), "n_urls": n,

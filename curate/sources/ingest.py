@@ -34,8 +34,13 @@ SAMPLE_SCHEMA = {
     "uid": pl.Utf8, "shard_id": pl.Int64, "key": pl.Utf8, "row_idx": pl.Int64, "url": pl.Utf8,
     "caption": pl.Utf8, "width": pl.Int32, "height": pl.Int32, "sha256": pl.Utf8, "source": pl.Utf8,
     "image_ext": pl.Utf8, "image_bytes": pl.Int64, "members": pl.Utf8, "tar_offset": pl.Int64,
-    "tar_end": pl.Int64, "status": pl.Utf8,
+    "tar_end": pl.Int64, "status": pl.Utf8, "img_shard_id": pl.Int64, "img_key": pl.Utf8, "img_row": pl.Int64,
+    "img_width": pl.Int32, "img_height": pl.Int32, "img_sha256": pl.Utf8,
 }
+# Columns that say where a sample's image is and what it is (docs/workspace.md, "samples").
+IMAGE_COLUMNS = ("image_ext", "image_bytes", "members", "tar_offset", "tar_end", "img_shard_id", "img_key",
+                 "img_row", "img_width", "img_height", "img_sha256")
+NO_IMAGE = [pl.lit(None, SAMPLE_SCHEMA[c]).alias(c) for c in IMAGE_COLUMNS]
 ISSUE_SCHEMA = {"run_id": pl.Int64, "shard_id": pl.Int64, "key": pl.Utf8, "uid": pl.Utf8,
                 "reason": pl.Utf8, "action": pl.Utf8, "detail": pl.Utf8}
 
@@ -49,6 +54,8 @@ class IngestSummary:
     shards_damaged: int = 0
     samples_added: int = 0
     samples_attached: int = 0  # pending URL-table samples that a downloaded shard now holds
+    images_attached: int = 0   # DataComp metadata samples that an image shard now gives an image
+    images_mismatched: int = 0  # images not attached: their sha256 differs from the metadata's
     rejected: int = 0
     warnings: int = 0
     bad_embeddings: int = 0  # DataComp samples with an unusable embedding (`bad_embedding`, unscored)
@@ -101,6 +108,9 @@ class Ingester:
         with self.m.transaction():
             uids = "SELECT uid FROM samples WHERE shard_id = ?"
             self.m.execute(f"DELETE FROM scores WHERE uid IN ({uids}) AND scorer LIKE 'datacomp-%'", [shard_id])
+            # metadata samples this shard gave an image keep their metadata, without the image
+            self.m.execute("UPDATE samples SET " + ", ".join(f"{c} = NULL" for c in IMAGE_COLUMNS) +
+                           " WHERE img_shard_id = $1 AND shard_id <> $1", [shard_id])
             for table in ("samples", "sample_issues", "embeddings", "shards"):
                 self.m.execute(f"DELETE FROM {table} WHERE shard_id = ?", [shard_id])
 
@@ -157,43 +167,124 @@ class Ingester:
         self.m.con.register("_batch_uids", df.select("uid").to_arrow())
         try:
             existing = self.m.frame(
-                "SELECT s.uid, s.status, s.shard_id, s.key, sh.path FROM samples s JOIN _batch_uids b USING (uid) "
-                "LEFT JOIN shards sh ON sh.shard_id = s.shard_id")
+                "SELECT s.uid, s.status, s.source, s.shard_id, s.key, s.img_shard_id, s.img_key, s.sha256, "
+                "s.img_sha256, sh.path, ih.path AS img_path FROM samples s JOIN _batch_uids b USING (uid) "
+                "LEFT JOIN shards sh ON sh.shard_id = s.shard_id LEFT JOIN shards ih ON ih.shard_id = s.img_shard_id")
         finally:
             self.m.con.unregister("_batch_uids")
+        adopted = df.clear()
         if existing.height:
-            # URL-table rows not downloaded yet, or whose download failed before, are completed by
-            # the shard that now holds their image.
-            pending = existing.filter(pl.col("status").is_in(["pending", "failed"]))
-            taken = existing.filter(~pl.col("status").is_in(["pending", "failed"]))
-            if pending.height and df["source"][0] == "wds":
-                att = df.join(pending.select("uid"), on="uid", how="semi")
-                self.m.con.register("_attach", att.to_arrow())
-                try:
-                    self.m.execute(
-                        "UPDATE samples SET shard_id = a.shard_id, key = a.key, row_idx = a.row_idx, "
-                        "url = coalesce(a.url, samples.url), caption = coalesce(samples.caption, a.caption), "
-                        "width = a.width, height = a.height, sha256 = a.sha256, image_ext = a.image_ext, "
-                        "image_bytes = a.image_bytes, members = a.members, tar_offset = a.tar_offset, "
-                        "tar_end = a.tar_end, status = 'ok' FROM _attach a WHERE samples.uid = a.uid "
-                        "AND samples.status IN ('pending', 'failed')")
-                finally:
-                    self.m.con.unregister("_attach")
-                self.summary.samples_attached += att.height
-                df = df.join(pending.select("uid"), on="uid", how="anti")
-            elif pending.height:
-                taken = existing
+            source = df["source"][0]
+            if source == "wds":
+                df = self._attach_images(df, existing, issues)
+            elif source == "datacomp":
+                df, adopted = self._adopt_images(shard_id, df, existing, issues)
+            taken = existing.join(df.select("uid"), on="uid", how="semi")
             if taken.height:
-                dups = df.join(taken.select("uid", "path", pl.col("key").alias("prev_key")), on="uid", how="inner")
+                # an image for a sample that has one: name the image it has
+                has_img = (pl.col("source") != pl.col("_src")) & pl.col("img_path").is_not_null()
+                dups = df.select("uid", "key", pl.col("source").alias("_src")).join(
+                    taken.select("uid", "source", "path", "key", "img_path", "img_key"), on="uid", how="inner",
+                    suffix="_prev").select(
+                    "uid", "key", pl.when(has_img).then(pl.col("img_path")).otherwise(pl.col("path")).alias("p"),
+                    pl.when(has_img).then(pl.col("img_key")).otherwise(pl.col("key_prev")).alias("k"),
+                    pl.when(has_img).then(pl.lit("an image for this uid was already attached from "))
+                    .otherwise(pl.lit("uid already ingested from ")).alias("what"))
                 issues.extend(zip(dups["key"].to_list(), dups["uid"].to_list(), ["duplicate_uid"] * dups.height,
                                   ["rejected"] * dups.height,
-                                  [f"uid already ingested from {p} key {k}" for p, k in
-                                   zip(dups["path"].to_list(), dups["prev_key"].to_list())]))
+                                  [f"{w}{p} key {k}" for w, p, k in
+                                   zip(dups["what"].to_list(), dups["p"].to_list(), dups["k"].to_list())]))
                 self.summary.rejected += dups.height
                 df = df.join(taken.select("uid"), on="uid", how="anti")
         self.m.insert_arrow("samples", df.select(list(SAMPLE_SCHEMA)).to_arrow())
         self.summary.samples_added += df.height
+        return pl.concat([df, adopted]) if adopted.height else df
+
+    def _with_frame(self, name: str, frame: pl.DataFrame, sql: str, params=None) -> None:
+        self.m.con.register(name, frame.to_arrow())
+        try:
+            self.m.execute(sql, params)
+        finally:
+            self.m.con.unregister(name)
+
+    @staticmethod
+    def _sha_mismatch(meta_sha: str, img_sha: str) -> pl.Expr:
+        """True where the metadata's sha256 and the downloaded image's (img2dataset's json) are both
+        known and differ: the URL served other bytes than when the metadata was made."""
+        return (pl.col(meta_sha).is_not_null() & pl.col(img_sha).is_not_null()
+                & (pl.col(meta_sha).str.to_lowercase() != pl.col(img_sha).str.to_lowercase()))
+
+    def _mismatch_issues(self, frame: pl.DataFrame, issues: list[tuple]) -> None:
+        """`sha256_mismatch` (rejected: the image record is not attached), one per image, named by
+        the image's key in its shard; the metadata sample stays, without an image."""
+        issues.extend(zip(frame["img_key"].to_list(), frame["uid"].to_list(), ["sha256_mismatch"] * frame.height,
+                          ["rejected"] * frame.height,
+                          [f"image sha256 {i[:16]}... differs from the metadata's {m[:16]}...; not attached"
+                           for i, m in zip(frame["img_sha256"].to_list(), frame["meta_sha256"].to_list())]))
+        self.summary.images_mismatched += frame.height
+
+    def _attach_images(self, df: pl.DataFrame, existing: pl.DataFrame, issues: list[tuple]) -> pl.DataFrame:
+        """A webdataset shard's records whose uid the workspace already holds: URL-table rows not
+        downloaded yet (or whose download failed) move into the shard; DataComp metadata samples
+        without an image get this one attached (shard_id/row_idx stay the metadata's: its npz
+        embeddings are row-aligned) unless the sha256s differ. Returns the records still to insert."""
+        pending = existing.filter(pl.col("status").is_in(["pending", "failed"]))
+        if pending.height:
+            att = df.join(pending.select("uid"), on="uid", how="semi")
+            self._with_frame("_attach", att,
+                "UPDATE samples SET shard_id = a.shard_id, key = a.key, row_idx = a.row_idx, "
+                "url = coalesce(a.url, samples.url), caption = coalesce(samples.caption, a.caption), "
+                "width = a.width, height = a.height, sha256 = a.sha256, status = 'ok', "
+                + ", ".join(f"{c} = a.{c}" for c in IMAGE_COLUMNS) +
+                " FROM _attach a WHERE samples.uid = a.uid AND samples.status IN ('pending', 'failed')")
+            self.summary.samples_attached += att.height
+            df = df.join(pending.select("uid"), on="uid", how="anti")
+        meta = existing.filter((pl.col("source") == "datacomp") & pl.col("img_shard_id").is_null()
+                               & (pl.col("status") == "ok"))
+        if meta.height:
+            cand = df.join(meta.select("uid", pl.col("sha256").alias("meta_sha256")), on="uid", how="inner")
+            bad = cand.filter(self._sha_mismatch("meta_sha256", "img_sha256"))
+            if bad.height:
+                self._mismatch_issues(bad, issues)
+            att = cand.join(bad.select("uid"), on="uid", how="anti")
+            if att.height:
+                self._with_frame("_attach", att,
+                    "UPDATE samples SET sha256 = coalesce(samples.sha256, a.sha256), "
+                    + ", ".join(f"{c} = a.{c}" for c in IMAGE_COLUMNS) +
+                    " FROM _attach a WHERE samples.uid = a.uid AND samples.img_shard_id IS NULL")
+            self.summary.images_attached += att.height
+            df = df.join(meta.select("uid"), on="uid", how="anti")
         return df
+
+    def _adopt_images(self, shard_id: int, df: pl.DataFrame, existing: pl.DataFrame,
+                      issues: list[tuple]) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """DataComp metadata rows whose uid an image shard ingested earlier holds (shards first):
+        that sample becomes the metadata's (its shard_id, row_idx, caption, url, original size and
+        sha256) and keeps its image; where the sha256s differ it keeps none (`sha256_mismatch`),
+        and the scores computed from that image go. Returns (rows still to insert, rows adopted)."""
+        own = existing.filter((pl.col("source") == "wds") & (pl.col("shard_id") == pl.col("img_shard_id")))
+        if not own.height:
+            return df, df.clear()
+        cand = df.drop(IMAGE_COLUMNS).join(own.select("uid", "img_key", "img_sha256", "img_shard_id"), on="uid",
+                                           how="inner")
+        bad = cand.filter(self._sha_mismatch("sha256", "img_sha256"))
+        if bad.height:
+            # recorded on the image's shard, as when the metadata came first
+            for (img_shard,), part in bad.group_by(["img_shard_id"], maintain_order=True):
+                found: list[tuple] = []
+                self._mismatch_issues(part.with_columns(pl.col("sha256").alias("meta_sha256")), found)
+                self._add_issues(int(img_shard), found)
+            self._with_frame("_detach", bad.select("uid"),
+                "DELETE FROM scores WHERE uid IN (SELECT uid FROM _detach) AND scorer NOT LIKE 'datacomp-%'")
+        cols = ("shard_id", "key", "row_idx", "url", "caption", "width", "height", "source")
+        detach = ", ".join(f"{c} = CASE WHEN a._bad THEN NULL ELSE samples.{c} END" for c in IMAGE_COLUMNS)
+        self._with_frame("_adopt", cand.with_columns(self._sha_mismatch("sha256", "img_sha256").alias("_bad")),
+            "UPDATE samples SET " + ", ".join(f"{c} = a.{c}" for c in cols) +
+            ", sha256 = coalesce(a.sha256, samples.sha256), " + detach +
+            " FROM _adopt a WHERE samples.uid = a.uid AND samples.source = 'wds'")
+        self.summary.images_attached += cand.height - bad.height
+        adopted = df.join(own.select("uid"), on="uid", how="semi")
+        return df.join(own.select("uid"), on="uid", how="anti"), adopted
 
     def _add_issues(self, shard_id: int, issues: list[tuple]) -> None:
         if issues:
@@ -235,13 +326,19 @@ class Ingester:
                 "source": ["wds"] * len(recs), "image_ext": [r.image_ext for r in recs],
                 "image_bytes": [r.image_bytes for r in recs], "members": [",".join(r.members) for r in recs],
                 "tar_offset": [r.tar_offset for r in recs], "tar_end": [r.tar_end for r in recs],
-                "status": ["ok"] * len(recs),
+                "status": ["ok"] * len(recs), "img_shard_id": [shard_id] * len(recs), "img_key": [r.key for r in recs],
+                "img_row": list(range(len(recs))), "img_width": [r.img_width for r in recs],
+                "img_height": [r.img_height for r in recs], "img_sha256": [r.given_sha256 for r in recs],
             }, schema=SAMPLE_SCHEMA)
             self._add_samples(shard_id, df, issues)
-            # row_idx must stay dense and aligned with what score writes: renumber after rejections.
+            # img_row (and row_idx, for the shard's own samples) must stay dense and aligned with what
+            # score writes: renumber after rejections, over every image this shard holds (its own
+            # samples and the metadata samples it attached to).
             self.m.execute(
-                "UPDATE samples SET row_idx = r.rn FROM (SELECT uid, row_number() OVER (ORDER BY tar_offset) - 1 AS rn "
-                "FROM samples WHERE shard_id = $1) r WHERE samples.uid = r.uid AND samples.shard_id = $1", [shard_id])
+                "UPDATE samples SET img_row = r.rn, row_idx = CASE WHEN samples.shard_id = $1 THEN r.rn "
+                "ELSE samples.row_idx END FROM (SELECT uid, row_number() OVER (ORDER BY tar_offset) - 1 AS rn "
+                "FROM samples WHERE img_shard_id = $1) r WHERE samples.uid = r.uid AND samples.img_shard_id = $1",
+                [shard_id])
             if failed_dl is not None and failed_dl.height:
                 self._record_failed_downloads(shard_id, failed_dl, issues)
             self._add_issues(shard_id, issues)
@@ -258,9 +355,19 @@ class Ingester:
             return failed[name].cast(pl.Utf8).to_list() if name in failed.columns else [None] * failed.height
 
         uids, keys, status, err = col("uid"), col("key"), col("status"), col("error_message")
-        for k, u, s, e in zip(keys, uids, status, err):
-            issues.append((k, u, "download_failed", "rejected", f"{s}: {e}" if e else str(s)))
         known = [u for u in uids if u]
+        # A DataComp metadata sample whose download failed stays, metadata only: a warning on it.
+        stays: set[str] = set()
+        if known:
+            self.m.con.register("_failed", pa.table({"uid": known}))
+            try:
+                stays = {r[0] for r in self.m.execute(
+                    "SELECT s.uid FROM samples s JOIN _failed f USING (uid) WHERE s.source = 'datacomp'").fetchall()}
+            finally:
+                self.m.con.unregister("_failed")
+        for k, u, s, e in zip(keys, uids, status, err):
+            issues.append((k, u, "download_failed", "warning" if u in stays else "rejected",
+                           f"{s}: {e}" if e else str(s)))
         if known:
             self.m.con.register("_failed", pa.table({"uid": known}))
             try:
@@ -466,13 +573,16 @@ class Ingester:
                     pl.col(text_col).cast(pl.Utf8).alias("caption"),
                     opt("original_width", pl.Int32).alias("width"), opt("original_height", pl.Int32).alias("height"),
                     opt("sha256", pl.Utf8).alias("sha256"), pl.lit("datacomp").alias("source"),
-                    pl.lit(None, pl.Utf8).alias("image_ext"), pl.lit(None, pl.Int64).alias("image_bytes"),
-                    pl.lit(None, pl.Utf8).alias("members"), pl.lit(None, pl.Int64).alias("tar_offset"),
-                    pl.lit(None, pl.Int64).alias("tar_end"), pl.lit("ok").alias("status"),
+                    pl.lit("ok").alias("status"), *NO_IMAGE,
                 )
                 inserted = self._add_samples(shard_id, df, issues)
                 if not inserted.height:
                     continue
+                # Images whose download failed before their metadata came (shards first): the
+                # sample is in now, metadata only, so the failure is a warning on it.
+                self._with_frame("_new", inserted.select("uid"),
+                    "UPDATE sample_issues SET action = 'warning' WHERE reason = 'download_failed' "
+                    "AND action = 'rejected' AND uid IN (SELECT uid FROM _new)")
                 # Samples with an unusable embedding stay (caption, url and size are fine), each with
                 # one `bad_embedding` issue; their scores of that scorer are NULL.
                 if member_bad:
@@ -519,10 +629,7 @@ class Ingester:
                 pl.int_range(0, n, dtype=pl.Int64).alias("row_idx"), pl.col("url").cast(pl.Utf8),
                 pl.col("caption").cast(pl.Utf8), pl.lit(None, pl.Int32).alias("width"),
                 pl.lit(None, pl.Int32).alias("height"), pl.lit(None, pl.Utf8).alias("sha256"),
-                pl.lit("urls").alias("source"), pl.lit(None, pl.Utf8).alias("image_ext"),
-                pl.lit(None, pl.Int64).alias("image_bytes"), pl.lit(None, pl.Utf8).alias("members"),
-                pl.lit(None, pl.Int64).alias("tar_offset"), pl.lit(None, pl.Int64).alias("tar_end"),
-                pl.lit("pending").alias("status"))
+                pl.lit("urls").alias("source"), pl.lit("pending").alias("status"), *NO_IMAGE)
             self._add_samples(shard_id, df, issues)
             self._add_issues(shard_id, issues)
             self._finish_shard_row(shard_id)

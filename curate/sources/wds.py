@@ -206,6 +206,9 @@ class WdsRecord:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
+    given_sha256: str | None = None  # the json's `sha256` (img2dataset: of the downloaded bytes)
+    img_width: int | None = None     # the stored image's own size (width/height: the original's)
+    img_height: int | None = None
     image_ext: str | None = None
     image_bytes: int | None = None
     members: list[str] = field(default_factory=list)
@@ -387,8 +390,12 @@ def _finish_record(g: _Group, issues: list, limits: ReadLimits) -> WdsRecord | N
         rec.width = size[0]
     if rec.height is not None and not -2**31 <= rec.height < 2**31:
         rec.height = size[1]
+    if size is not None:
+        rec.img_width, rec.img_height = (v if v is not None and 0 <= v < 2**31 else None for v in size)
     sha = meta.get("sha256")
-    rec.sha256 = str(sha).lower() if isinstance(sha, str) and len(sha) == 64 else hashlib.sha256(data).hexdigest()
+    if isinstance(sha, str) and len(sha) == 64:
+        rec.given_sha256 = sha.lower()
+    rec.sha256 = rec.given_sha256 or hashlib.sha256(data).hexdigest()
     return rec
 
 

@@ -21,6 +21,9 @@ from .filters_datacomp import (Rule, decisions_from, empty_decisions, fails_abov
 
 # How the runner marks a `decode_error` that is a bad embedding, not an image that did not decode.
 BAD_EMBEDDING_PREFIX = "bad_embedding: "
+# A metadata sample without an image in a pool whose other samples have theirs, once `curate score`
+# has computed embeddings from them (curate/executors/local.py PoolSource).
+NO_IMAGE_PREFIX = "no_image: "
 
 
 @register_stage
@@ -96,9 +99,11 @@ class DecodeFailures(Stage):
     samples recorded with a bad embedding (non-finite or zero vector, at ingest or score).
 
     Input column `decode_error` (str, null when the sample is usable): the recorded error of an
-    undecodable image, or `bad_embedding: ` followed by what is wrong. Reasons `bad_embedding`
-    (detail = what is wrong, e.g. `datacomp-l14 img: non-finite values`) and `undecodable`
-    (detail = the recorded error); value NaN.
+    undecodable image, `bad_embedding: ` followed by what is wrong, or `no_image: ` and why for a
+    DataComp metadata sample without an image in a pool whose other samples have images that
+    `curate score` embedded. Reasons `no_image` (detail: download_failed / sha256_mismatch and its
+    detail, or that none was ingested), `bad_embedding` (detail = what is wrong, e.g.
+    `datacomp-l14 img: non-finite values`) and `undecodable` (detail = the recorded error); value NaN.
 
     Images are decoded by `curate score`: over a pool with images that no score run has covered
     the stage would keep everything (a truncated JPEG included), so the runner stops with one
@@ -124,7 +129,9 @@ class DecodeFailures(Stage):
             return StageResult(empty_decisions())
         err = pl.col("decode_error").cast(pl.Utf8)
         bad_embedding = err.str.starts_with(BAD_EMBEDDING_PREFIX).fill_null(False)
-        rules = [Rule("bad_embedding", bad_embedding, pl.lit(math.nan, pl.Float64), None,
+        no_image = err.str.starts_with(NO_IMAGE_PREFIX).fill_null(False)
+        rules = [Rule("no_image", no_image, pl.lit(math.nan, pl.Float64), None, err.str.strip_prefix(NO_IMAGE_PREFIX)),
+                 Rule("bad_embedding", bad_embedding, pl.lit(math.nan, pl.Float64), None,
                       err.str.strip_prefix(BAD_EMBEDDING_PREFIX)),
                  Rule("undecodable", err.is_not_null(), pl.lit(math.nan, pl.Float64), None, err)]
         d = f.select(first_failure(rules))
