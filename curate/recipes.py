@@ -15,7 +15,8 @@ string; for a stage with exclusive parameters, e.g. clip_score's `threshold` and
 setting one clears the others: `--set clip_score.threshold=0.28` turns a top-fraction recipe into
 a threshold one); `--set '*.PARAM=VALUE'` sets it on every stage that takes that parameter (e.g.
 `--set '*.scorer=dfn'`); `--set seed=3` sets the recipe's seed. A recipe is found by path, or by name in
-./pipelines/ and then in the pipelines shipped with curate.
+./pipelines/ and then in the pipelines shipped with curate, or by one of DataComp's baseline names
+(`basic_filter`, `clip_score`, ...: DATACOMP_ALIASES), which name shipped recipes.
 """
 
 from __future__ import annotations
@@ -59,7 +60,26 @@ class Recipe:
                            for s in self.stages]}
 
 
+# DataComp's baseline names (`baselines.py --name`, and the README's output file names) -> the
+# shipped recipe that reproduces each one (docs/recipes.md). `clip_score` alone means DataComp's
+# best CLIP-score setting, ViT-L/14 top 30%, the README's first clip_score example.
+DATACOMP_ALIASES = {
+    "no_filter": "datacomp_no_filter",
+    "basic_filter": "datacomp_basic",
+    "text_based": "datacomp_text_based",
+    "image_based": "datacomp_image_based",
+    "image_based_intersect_clip_score": "datacomp_image_clip",
+    "clip_score": "datacomp_clip_l14_30",
+    "laion2b": "datacomp_laion2b",
+    "clip_score_l14_30_percent": "datacomp_clip_l14_30",
+    "clip_score_b32_25_threshold": "datacomp_clip_b32_25",
+    "image_based_intersect_clip_score_l14_30_percent": "datacomp_image_clip",
+}
+
+
 def find_recipe(ref: str) -> Path:
+    """A recipe file: `ref` as a path, else `ref`(.toml) in ./pipelines/ and then in the shipped
+    pipelines, else a DataComp baseline name (DATACOMP_ALIASES) -> its shipped recipe."""
     p = Path(ref)
     if p.exists():
         return p
@@ -67,8 +87,13 @@ def find_recipe(ref: str) -> Path:
         for cand in (base / ref, base / f"{ref}.toml"):
             if cand.exists():
                 return cand
+    alias = DATACOMP_ALIASES.get(ref)
+    if alias is not None and (SHIPPED / f"{alias}.toml").exists():
+        return SHIPPED / f"{alias}.toml"
     shipped = sorted(x.stem for x in SHIPPED.glob("*.toml")) if SHIPPED.exists() else []
-    raise UsageError(f"no recipe {ref!r}; give a path or one of: {', '.join(shipped) or 'none shipped'}")
+    aliases = ", ".join(f"{a} ({t})" for a, t in DATACOMP_ALIASES.items())
+    raise UsageError(f"no recipe {ref!r}; give a path or one of: {', '.join(shipped) or 'none shipped'}; "
+                     f"DataComp baseline names: {aliases}")
 
 
 def parse_recipe(text: str, path: str = "<string>") -> Recipe:

@@ -300,16 +300,31 @@ def test_basic_then_clip_score_is_datacomp_intersection():
 # ---- laion2b -------------------------------------------------------------------------------------------
 
 
-def test_laion2b_matches_reference():
+def ref_gcld3(text: str) -> str:
+    """DataComp's laion2b language test (gcld3, as apply_filter.py builds and calls it)."""
+    import gcld3
+
+    model = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
+    return model.FindLanguage(text=text.replace("\n", " ")).language
+
+
+@pytest.mark.parametrize("lang_model,ref", [("gcld3", ref_gcld3), ("fasttext", ref_lang)])
+def test_laion2b_matches_reference(lang_model, ref):
     n = 1500
     caps = adversarial_captions(n, seed=13)
     s = tied_scores(n, seed=13, nan_frac=0.01) - 0.02
     f = pl.DataFrame({"uid": uids(n, 13), "caption": caps, "score__datacomp-b32": s})
-    dec = run(get_stage("laion2b")(), f).decisions
-    want = {u for u, c, x in zip(f["uid"], caps, s) if x >= 0.28 and ref_lang(c) == "en"}
+    st = get_stage("laion2b")(lang_model=lang_model)
+    assert st.remembers_languages == (lang_model == "fasttext")
+    dec = run(st, f).decisions
+    want = {u for u, c, x in zip(f["uid"], caps, s) if x >= 0.28 and ref(c) == "en"}
     assert set(dec.filter(pl.col("keep"))["uid"]) == want
     assert set(dec["reason"].drop_nulls().unique()) == {"missing_score", "clip_score_below", "lang_not_en"}
     assert_every_drop_explained(dec)
+    # the deciding language is recorded for every row the language test saw
+    langs = dict(zip(f["uid"], caps))
+    for u, d in dec.filter(pl.col("reason") == "lang_not_en").select("uid", "detail").iter_rows():
+        assert d == ref(langs[u])
 
 
 # ---- image rules ---------------------------------------------------------------------------------------
@@ -554,7 +569,8 @@ def test_classifier_head_input_standardisation(tmp_path):
 
 def test_registry_params_and_empty_frames(tmp_path):
     names = set(stage_names())
-    mine = {"basic", "clip_score", "laion2b", "text_concepts", "image_concepts", "caption_quality", "caption_length",
+    mine = {"basic", "clip_score", "laion2b", "text_based", "image_based", "text_concepts", "image_concepts",
+            "caption_quality", "caption_length",
             "caption_charset", "caption_mojibake", "caption_boilerplate", "caption_repetition", "caption_tokens",
             "caption_language", "max_caption_repeats", "image_size", "image_bytes", "decode_failures",
             "classifier_head"}
@@ -564,6 +580,7 @@ def test_registry_params_and_empty_frames(tmp_path):
                                                    "height": pl.Int64, "image_bytes": pl.Int64,
                                                    "decode_error": pl.Utf8, "score__x": pl.Float32})
     for name, kw in [("basic", {}), ("clip_score", {"scorer": "x", "fraction": 0.3}), ("laion2b", {"scorer": "x"}),
+                     ("text_based", {}),
                      ("text_concepts", {}), ("caption_quality", {}), ("max_caption_repeats", {}),
                      ("image_size", {}), ("image_bytes", {"min_bytes": 1}), ("decode_failures", {})]:
         st = get_stage(name)(**kw)

@@ -16,8 +16,10 @@ from .main import app
 
 @app.command()
 def prune(
-    pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="Recipe: a TOML path or a shipped name "
-                                                                    "(datacomp_basic, dbp, ...).")],
+    pipeline: Annotated[str, typer.Option("--pipeline", "--recipe", "-p", help="Recipe: a TOML path, a shipped "
+                                          "name (datacomp_basic, dbp, ...) or a DataComp baseline name "
+                                          "(no_filter, basic_filter, text_based, image_based, "
+                                          "image_based_intersect_clip_score, clip_score, laion2b).")],
     workspace: WorkspaceOpt = None,
     budget: Annotated[Optional[str], typer.Option(
         "--budget", "-b", help="Samples to keep at the budget stage: a count (50000) or a fraction (0.3) of "

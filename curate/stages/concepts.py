@@ -4,8 +4,9 @@ Sources: DataComp (Gadre et al. 2023), baselines "text-based" and "image-based"
 (`mlfoundations/datacomp`, `baselines/apply_filter.py`, `baselines/image_based_clustering.py`):
 
 - text-based: English captions in which some word names an ImageNet-21k synset (each word looked
-  up with WordNet, its first synset compared with the 21k list). WordNet is not available offline
-  here, so `text_concepts` matches caption words against a concept list instead: by default the
+  up with WordNet, its first synset compared with the 21k list). DataComp's exact rule is the
+  `text_based` stage (`datacomp_baselines.py`); `text_concepts` is a looser cousin that matches
+  caption words against a concept list: by default the
   1000 ImageNet-1k classes with all their WordNet synonyms (`curate/data/imagenet1k_classes.txt`),
   or any user file (one concept per line, synonyms comma-separated, multi-word concepts allowed).
   Put a language stage before it to reproduce "English and ..." .
@@ -14,8 +15,9 @@ Sources: DataComp (Gadre et al. 2023), baselines "text-based" and "image-based"
   the nearest centroid of at least one ImageNet-1k training image. DataComp trained L2 k-means and
   assigned by the largest inner product; `image_concepts` uses spherical k-means (normalised
   embeddings and centroids, cosine assignment) by default, `spherical=False` for L2. DataComp
-  also applied a caption pre-filter (English, > 1 fastText token, > 5 characters) first; in curate
-  that is a separate stage in the recipe. image_based ∩ clip_score (L/14 top 30%) built DataComp-1B.
+  also applied a caption pre-filter (English, > 1 fastText token, > 5 characters) first. DataComp's
+  exact rule, caption filter included, is the `image_based` stage (`datacomp_baselines.py`).
+  image_based ∩ clip_score (L/14 top 30%) built DataComp-1B.
 
 faiss's own k-means silently trains on at most 256·k points and loads a memmap whole, so the
 training sample is drawn here (seeded) and assignment streams over the embeddings in chunks.

@@ -12,8 +12,9 @@ Section 3.4 / Appendix on baselines, and the `mlfoundations/datacomp` tooling
   `t = -np.sort(-scores)[int(len(scores) * f)]` over the whole pool (the (n+1)-th largest score),
   then `>=`, so ties at t are kept. Best small/medium/large setting: ViT-L/14 top 30%.
 - LAION-2B reproduction: ViT-B/32 score >= 0.28 and English. DataComp's tooling used Google's
-  gcld3 for the English test here (`gcld3_en_filter=True`); gcld3 is not installed with curate,
-  so this stage uses fastText lid.176 top-1 == 'en' like `basic`.
+  gcld3 for the English test here (`gcld3_en_filter=True`), and so does the `laion2b` stage by
+  default (the `datacomp` extra installs gcld3); `lang_model="fasttext"` uses fastText lid.176
+  top-1 == 'en' like `basic`.
 
 Word and character counts follow Python exactly: `str.split()` with no argument splits on runs of
 every code point for which `str.isspace()` is true (including U+001C..U+001F, U+0085, U+00A0,
@@ -223,17 +224,25 @@ def size_rules(min_side: float | None, max_aspect: float | None, width: str = "w
 
 
 def _apply_lang(frame: pl.DataFrame, reason: pl.Series, value: pl.Series, threshold: pl.Series,
-                detail: pl.Series, *, column: str, lang: str, lid_model: str | None, processes: int | None):
+                detail: pl.Series, *, column: str, lang: str, lid_model: str | None, processes: int | None,
+                lang_model: str = "fasttext"):
     """Language test on the rows still alive: top-1 label must equal `lang` (no confidence cut).
 
+    lang_model "fasttext": fastText lid.176 (`lid_model`, default the shipped lid.176.ftz);
+    "gcld3": Google's CLD3 as DataComp's laion2b runs it (`curate.stages.gcld3_lang`).
     Dropped rows: reason `lang_not_<lang>`, value = top-1 probability, detail = top-1 label.
     Kept rows: value = probability of `lang`'s top-1 label, detail = the label.
     """
     alive = np.flatnonzero(reason.is_null().to_numpy())
     if len(alive):
-        cols = [column] + [c for c in (LANG, LANG_CONF) if c in frame.columns]
-        sub = frame.select(cols)[alive]
-        ids = languages_for(sub, column, model_path=lid_model, processes=processes)
+        if lang_model == "gcld3":
+            from .gcld3_lang import identify_gcld3
+
+            ids = identify_gcld3(frame[column].gather(alive), processes=processes)
+        else:
+            cols = [column] + [c for c in (LANG, LANG_CONF) if c in frame.columns]
+            sub = frame.select(cols)[alive]
+            ids = languages_for(sub, column, model_path=lid_model, processes=processes)
         got = ids[LANG]
         bad = (got != lang).fill_null(True)
         lang_reason = pl.select(pl.when(bad).then(pl.lit(f"lang_not_{lang}")).otherwise(pl.lit(None, pl.Utf8))
@@ -406,25 +415,40 @@ class Laion2B(Stage):
     """DataComp's reproduction of LAION-2B's filter: ViT-B/32 score >= 0.28 and English.
 
     Order: missing_score, clip_score_below (value = score, threshold 0.28), lang_not_en (value =
-    top-1 probability, detail = top-1 label). DataComp used gcld3 for the language test; this stage
-    uses fastText lid.176 top-1 (see the module docstring). Input: `uid`, `score__<scorer>`, `caption`.
+    top-1 probability, detail = top-1 label). lang_model "gcld3" (default) is DataComp's rule:
+    `gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)` and
+    `FindLanguage(text=text.replace("\\n", " ")).language == "en"` (the `datacomp` extra installs
+    gcld3); "fasttext" uses fastText lid.176 top-1 like `basic` (`lid_model` picks the model file;
+    it is ignored under gcld3). Input: `uid`, `score__<scorer>`, `caption`.
     """
 
     name = "laion2b"
     scope = "row"
-    remembers_languages = True
+    LANG_MODELS = ("gcld3", "fasttext")
 
     def needs_columns(self):
         return [self.column]
 
     def __init__(self, scorer: str = "datacomp-b32", threshold: float = 0.28, lang: str = "en",
-                 column: str = "caption", lid_model: str | None = None, processes: int | None = None):
+                 column: str = "caption", lang_model: str = "gcld3", lid_model: str | None = None,
+                 processes: int | None = None):
+        if lang_model not in self.LANG_MODELS:
+            raise UsageError(f"laion2b lang_model must be one of {', '.join(self.LANG_MODELS)}, got {lang_model!r}")
+        if lang_model == "gcld3":
+            from .gcld3_lang import require_gcld3
+
+            require_gcld3("laion2b")
         self.scorer = scorer
         self.threshold = float(threshold)
         self.lang = lang
         self.column = column
+        self.lang_model = lang_model
         self.lid_model = lid_model
         self.processes = processes
+
+    @property
+    def remembers_languages(self) -> bool:  # type: ignore[override]
+        return self.lang_model == "fasttext"  # gcld3's answers are not fastText's: nothing to share
 
     def needs_scores(self) -> list[str]:
         return [self.scorer]
@@ -441,7 +465,7 @@ class Laion2B(Stage):
         pre = f.select(first_failure(rules))
         reason, value, threshold, detail = _apply_lang(
             f, pre["reason"], pre["value"], pre["threshold"], pre["detail"], column=self.column,
-            lang=self.lang, lid_model=self.lid_model, processes=self.processes)
+            lang=self.lang, lid_model=self.lid_model, processes=self.processes, lang_model=self.lang_model)
         # Kept rows record their score against 0.28 (the language label stays in `detail`).
         kept = reason.is_null()
         value = pl.select(pl.when(kept).then(f[col].cast(pl.Float64)).otherwise(value)).to_series()
