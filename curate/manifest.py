@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import duckdb
 
 from . import __version__
-from .errors import CurateError, WorkspaceLocked, is_interrupt
+from .errors import CurateError, UsageError, WorkspaceLocked, is_interrupt
 
 SCHEMA_VERSION = 2
 
@@ -201,7 +201,9 @@ class Manifest:
         self.memory_limit = os.environ.get("CURATE_DUCKDB_MEMORY", "512MB")
         self.working_limit = _smaller(os.environ.get("CURATE_DUCKDB_WORKING_MEMORY", "128MB"), self.memory_limit)
         self.con.execute(f"SET memory_limit = '{self.memory_limit}'")
-        if not read_only:
+        if read_only:
+            self._check_schema()
+        else:
             tmp = self.path.parent / "tmp" / "duckdb"
             tmp.mkdir(parents=True, exist_ok=True)
             self.con.execute(f"SET temp_directory = '{tmp}'")
@@ -224,6 +226,19 @@ class Manifest:
                 [str(SCHEMA_VERSION), f"curate {__version__}"],
             )
             self._migrate()
+
+    def _check_schema(self) -> None:
+        """A reader cannot upgrade the file: say so when an older curate wrote it."""
+        try:
+            rows = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        except duckdb.Error:
+            return  # not initialised yet
+        row = rows[0] if rows else None
+        if row is not None and int(row[0]) < SCHEMA_VERSION:
+            self.con.close()
+            raise UsageError(f"manifest {self.path} has schema {row[0]} (written by an older curate); run one "
+                             f"command that writes to the workspace (ingest, score, prune, export) to bring it to "
+                             f"schema {SCHEMA_VERSION}, then read it")
 
     def _migrate(self) -> None:
         """Bring a manifest written by an older curate to this schema (inside init's transaction)."""

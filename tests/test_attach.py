@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -201,6 +202,15 @@ def test_either_order_gives_the_same_pool(pool, tmp_path):
     # the image record whose sha256 differs is kept by no sample: the metadata sample has no image
     mism = [u for u, t in truth.items() if t["what"] == "sha256_mismatch"]
     assert q(ws2, "SELECT img_shard_id, source FROM samples WHERE uid = ?", mism) == [(None, "datacomp")]
+    # shard counts agree too (a shard's own samples; its rejected records)
+    counts = "SELECT path, n_samples, n_rejected FROM shards ORDER BY path"
+    assert q(ws2, counts) == q(ws3, counts)
+    # re-ingesting a changed metadata file (--replace) keeps the images attached, in both orders
+    for ws in (ws2, ws3):
+        for f in (d / "meta").glob("*.parquet"):
+            os.utime(f)
+        run_cli("ingest", d / "meta", "-w", ws, "--replace")
+        assert pool_state(ws) == meta_first, ws
 
 
 def test_filtered_export_writes_byte_exact_image_shards(pool, tmp_path):
@@ -252,6 +262,9 @@ def test_score_embeds_attached_images_and_prune_finds_them(pool, tmp_path, tiny_
     assert out["kept"] == len(with_image)
     dropped = dict(q(ws, "SELECT uid, reason FROM decisions WHERE NOT keep"))
     assert dropped == {u: "no_image" for u in set(truth) - with_image}
+    # the pool's own embeddings are usable for every sample, with or without an image
+    recipe.write_text('name = "r2"\n[[stages]]\nstage = "semdedup"\nscorer = "datacomp-l14"\neps = 0.0001\nk = 2\n')
+    assert run_json("prune", "-w", ws, "--pipeline", recipe)["kept"] == len(truth)
     # the embeddings semdedup read are the attached images' own: the same as scoring a
     # webdataset pool of the same shards
     ws_w = tmp_path / "ws_w"
@@ -260,3 +273,13 @@ def test_score_embeds_attached_images_and_prune_finds_them(pool, tmp_path, tiny_
     a = dict(q(ws, "SELECT uid, score FROM scores WHERE scorer = 'tiny' AND score IS NOT NULL"))
     b = dict(q(ws_w, "SELECT uid, score FROM scores WHERE scorer = 'tiny' AND score IS NOT NULL"))
     assert a.keys() <= b.keys() and all(abs(a[u] - b[u]) < 1e-6 for u in a)
+    # an image shard re-ingested (--replace) detaches its images and what was computed from them;
+    # they attach again, and the next score run embeds that shard again, to the same scores
+    tar = sorted((d / "shards").glob("*.tar"))[0]
+    os.utime(tar)
+    run_cli("ingest", tar, "-w", ws, "--replace")
+    again = dict(q(ws, "SELECT uid, score FROM scores WHERE scorer = 'tiny' AND score IS NOT NULL"))
+    assert len(again) < len(a)
+    out = run_json("score", "-w", ws, "--model", f"curate-tiny-vit@{tiny_ckpt},name=tiny", "--device", "cpu")
+    assert out["shards_scored"] == 1
+    assert dict(q(ws, "SELECT uid, score FROM scores WHERE scorer = 'tiny' AND score IS NOT NULL")) == a

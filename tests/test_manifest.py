@@ -65,6 +65,9 @@ def test_schema_1_manifest_gains_image_locations(tmp_path):
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     con.close()
     out = tmp_path / "out"
+    # a reader cannot upgrade the file: one line says what to do
+    proc = run_cli("export", "-w", ws, "--all", "--format", "wds", "--out", out, "--dry-run", check=False)
+    assert proc.returncode == 2 and "schema 1 (written by an older curate)" in proc.stderr
     run_cli("export", "-w", ws, "--all", "--format", "wds", "--out", out)  # a writer: migrates first
     con = duckdb.connect(str(ws / "manifest.duckdb"), read_only=True)
     try:

@@ -119,6 +119,13 @@ def download(
                     # The metadata samples first (with their embeddings and scores); each downloaded
                     # image then attaches to its sample by uid.
                     registered = ingest_paths(ws, m, [urls], "datacomp", rec.run_id)
+                    # only the rows that are samples now (a row ingest rejected, e.g. for a blank
+                    # uid the URL table would derive one for, is not downloaded)
+                    import dataclasses
+
+                    table = dataclasses.replace(table, frame=table.frame.join(
+                        m.frame("SELECT uid FROM samples WHERE source = 'datacomp'"), on="uid", how="semi",
+                        maintain_order="left"))
                 else:
                     # Every URL becomes a pending sample first (table-level problems go to
                     # sample_issues); the downloaded shards then attach to them, failed downloads

@@ -233,13 +233,12 @@ class PoolSource:
         # Samples without a usable embedding: undecodable images (detail: the decoder's message) and
         # bad embeddings (non-finite or zero vectors; detail `bad_embedding: ` + what is wrong,
         # which decode_failures reads to name its reason: stages.image_rules.BAD_EMBEDDING_PREFIX).
-        # In a pool of metadata samples only some of which have an image, once `curate score` has
-        # computed embeddings from those images: the samples without one (`no_image: ` + why,
-        # stages.image_rules.NO_IMAGE_PREFIX).
-        no_image = manifest.scalar(
+        # In a pool of metadata samples only some of which have an image: the samples without one
+        # (`no_image: ` + why, stages.image_rules.NO_IMAGE_PREFIX). They have no embedding from
+        # `curate score` (a computed scorer's views leave them out) but keep the pool's own.
+        no_image = bool(manifest.scalar(
             "SELECT count(*) FILTER (WHERE img_shard_id IS NULL) > 0 AND count(*) FILTER (WHERE img_shard_id IS NOT "
-            "NULL) > 0 FROM samples WHERE status = 'ok'") and manifest.scalar(
-            "SELECT count(*) FROM embeddings e JOIN scorers c ON c.name = e.scorer WHERE c.kind <> 'provided'")
+            "NULL) > 0 FROM samples WHERE status = 'ok'"))
         no_image_sql = (
             " UNION ALL SELECT s.rowid AS rid, 'no_image: ' || coalesce((SELECT any_value(i.reason || ' (' || "
             "i.detail || ')') FROM sample_issues i WHERE i.uid = s.uid AND i.reason IN ('download_failed', "
@@ -257,10 +256,23 @@ class PoolSource:
             err = pl.from_arrow(err).sort("rid", "prio").unique("rid", keep="last", maintain_order=True).to_arrow()
         epos = self.pos_of_rid[err.column("rid").to_numpy()] if err.num_rows else np.empty(0, np.int32)
         order = np.argsort(epos, kind="stable")
+        # every position with a decode_error (what decode_failures reads): for computed scorers'
+        # embeddings, the unusable ones
         self.err_pos = epos[order]
         self.err_detail = pl.Series("decode_error", err.column("detail").to_pylist(), dtype=pl.Utf8).gather(order) \
             if err.num_rows else pl.Series("decode_error", [], dtype=pl.Utf8)
+        # for the pool's own (provided) embeddings: the same without the samples that only lack an image
+        prio = np.asarray(err.column("prio").to_numpy())[order] if err.num_rows else np.empty(0, np.int64)
+        self.err_pos_provided = self.err_pos[prio == 0] if no_image else self.err_pos
+        self._unusable: dict[bool, Unusable] = {}
         manifest.trim()  # the uid sort's table blocks
+
+    def unusable(self, scorer: str | None) -> "Unusable":
+        """The positions without a usable embedding of `scorer` (None: any decode_error)."""
+        provided = scorer is not None and scorer in self.provided
+        if provided not in self._unusable:
+            self._unusable[provided] = Unusable(self, self.err_pos_provided if provided else self.err_pos)
+        return self._unusable[provided]
 
     def location(self, scorer: str):
         """(shard ids, rows) where `scorer`'s embeddings of each position are: the sample's own
@@ -269,28 +281,6 @@ class PoolSource:
             return self.shard_id, self.row_idx
         return self.img_shard_id, self.img_row
 
-    @property
-    def all_decodable(self) -> bool:
-        return not len(self.err_pos)
-
-    def decodable(self) -> np.ndarray:
-        """Whether each position's image decoded (built when asked: a byte a sample)."""
-        m = np.ones(self.n, dtype=bool)
-        m[self.err_pos] = False
-        return m
-
-    def decodable_by_rank(self) -> np.ndarray:
-        """`decodable()` in uid-rank order."""
-        m = np.ones(self.n, dtype=bool)
-        m[self.rank[self.err_pos]] = False
-        return m
-
-    def undecodable_among(self, pos: np.ndarray) -> int:
-        """How many of these positions (sorted) did not decode."""
-        if not len(self.err_pos) or not len(pos):
-            return 0
-        i = np.minimum(np.searchsorted(pos, self.err_pos), len(pos) - 1)
-        return int((pos[i] == self.err_pos).sum())
 
     def _scores(self, sc: str) -> pl.Series:
         if not self.m.scalar("SELECT count(*) FROM scores WHERE scorer = ?", [sc]):
@@ -501,7 +491,7 @@ def _run(ws, manifest, recipe: Recipe, run_id: int, stages, src: PoolSource, bud
             shutil.rmtree(d, ignore_errors=True)
     alive = np.ones(n_pool, dtype=bool)
     n_alive = n_pool
-    clustering_pool = _Pool(src)
+    clustering_pool = _Pools(src)
     run_dir = ws.run_dir(run_id) if record else None
     outcomes: list[StageOutcome] = []
     warnings: list[str] = []
@@ -658,20 +648,67 @@ def _record_decisions(manifest, src: PoolSource, run_id: int, idx: int, sid: str
         manifest.trim()  # each chunk's join caches table blocks; they would pile up over the pool
 
 
+class Unusable:
+    """Positions of the pool (sorted) without a usable embedding of a kind of scorer: undecodable
+    images and bad embeddings; for scorers `curate score` computed, also the samples without an
+    image (PoolSource.unusable)."""
+
+    def __init__(self, src: PoolSource, err_pos: np.ndarray):
+        self.src, self.err_pos = src, err_pos
+
+    @property
+    def all_decodable(self) -> bool:
+        return not len(self.err_pos)
+
+    def decodable(self) -> np.ndarray:
+        """Whether each position's embedding is usable (built when asked: a byte a sample)."""
+        m = np.ones(self.src.n, dtype=bool)
+        m[self.err_pos] = False
+        return m
+
+    def decodable_by_rank(self) -> np.ndarray:
+        """`decodable()` in uid-rank order."""
+        m = np.ones(self.src.n, dtype=bool)
+        m[self.src.rank[self.err_pos]] = False
+        return m
+
+    def undecodable_among(self, pos: np.ndarray) -> int:
+        """How many of these positions (sorted) have no usable embedding."""
+        if not len(self.err_pos) or not len(pos):
+            return 0
+        i = np.minimum(np.searchsorted(pos, self.err_pos), len(pos) - 1)
+        return int((pos[i] == self.err_pos).sum())
+
+
+class _Pools:
+    """The run's `_Pool`s, one per set of unusable samples (the pool's own embeddings, computed ones)."""
+
+    def __init__(self, src: PoolSource):
+        self.src = src
+        self._pools: dict[int, _Pool] = {}
+
+    def for_scorer(self, scorer: str | None) -> "_Pool":
+        u = self.src.unusable(scorer)
+        if id(u) not in self._pools:
+            self._pools[id(u)] = _Pool(self.src, u)
+        return self._pools[id(u)]
+
+
 class _Pool:
     """The run's starting pool as clustering stages see it: the samples that have embeddings
     (decodable images), in uid-rank order. Each clustering of it is computed once and cached in
     WS/cache (arrays in that order) across runs; stages get it restricted to their input."""
 
-    def __init__(self, src: PoolSource):
+    def __init__(self, src: PoolSource, unusable: Unusable):
         self.src = src
-        self.all_decodable = src.all_decodable
+        self.u = unusable
+        self.all_decodable = unusable.all_decodable
         self._fingerprint: str | None = None
         self._drank: np.ndarray | None = None
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            bits = self.src.decodable_by_rank()
+            bits = self.u.decodable_by_rank()
             self._fingerprint = bitmap_fingerprint(bits, self.src.pool_key)
         return self._fingerprint
 
@@ -681,7 +718,7 @@ class _Pool:
         if self.all_decodable:
             return r
         if self._drank is None:
-            self._drank = np.cumsum(self.src.decodable_by_rank(), dtype=index_dtype(self.src.n)) - 1
+            self._drank = np.cumsum(self.u.decodable_by_rank(), dtype=index_dtype(self.src.n)) - 1
         return self._drank[r]
 
     def clustering_key(self, spec) -> str:
@@ -701,7 +738,7 @@ class _Pool:
         samples are listed in) and kept in the cache."""
         src = self.src
         key = self.clustering_key(spec)
-        layout = short_hash(src.rank, src.err_pos)
+        layout = short_hash(src.rank, self.u.err_pos)
         d = cache.dir(f"clusteridx-{spec.key()}-{self.fingerprint()}-{layout}")
         if ClusterIndex.complete(d):
             return ClusterIndex(d)
@@ -709,7 +746,7 @@ class _Pool:
         n = len(np.load(files / "cluster.npy", mmap_mode="r"))
         k = int(np.load(files / "centroids.npy", mmap_mode="r").shape[0])
         pr = src.pos_of_rank
-        dpos = pr if self.all_decodable else pr[src.decodable_by_rank()]  # position of each clustered row
+        dpos = pr if self.all_decodable else pr[self.u.decodable_by_rank()]  # position of each clustered row
         step = 1 << 20
 
         def rows():
@@ -730,7 +767,7 @@ class _Pool:
         if got is not None:
             return got, "cache"
         src = self.src
-        pos = None if self.all_decodable else np.flatnonzero(src.decodable()).astype(index_dtype(src.n), copy=False)
+        pos = None if self.all_decodable else np.flatnonzero(self.u.decodable()).astype(index_dtype(src.n), copy=False)
         view = ShardEmbeddingView.at(*src.location(spec.scorer), pos, refs(manifest, spec.scorer, spec.kind),
                                      spec.scorer, spec.kind)
         row = src.rank if pos is None else self.index(pos)  # each view row's place in pool order
@@ -821,12 +858,14 @@ class _StagedDecisions:
 
 
 def _apply_clustered(sid: str, stage: Stage, src: PoolSource, alive: np.ndarray, n_in: int, manifest, seed: int,
-                     budget, cache, pool: "_Pool") -> _StageRun:
+                     budget, cache, pools: "_Pools") -> _StageRun:
     """Run a clustering stage (`run_clustered`) over the surviving samples listed cluster by
     cluster from the pool's cluster index. Chunks are (decisions, positions) in cluster order."""
     def chunks(run):
         spec = stage.spec_for(n_in, seed)
-        bad = int(alive[src.err_pos].sum()) if len(src.err_pos) else 0
+        pool = pools.for_scorer(spec.scorer)
+        err_pos = pool.u.err_pos
+        bad = int(alive[err_pos].sum()) if len(err_pos) else 0
         if bad:
             raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have no usable "
                              f"embedding (undecodable images or bad embeddings, see `curate status`); put a "
@@ -913,7 +952,7 @@ class _StageRun:
 
 
 def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, seed: int, budget, cache,
-           pool: _Pool | None = None) -> _StageRun:
+           pool: _Pools | None = None) -> _StageRun:
     """Run a stage over its samples: a row stage a partition at a time (bounded memory) over
     those where `pos` (a boolean mask over the pool) is set; others in one call over the
     positions `pos`."""
@@ -931,7 +970,7 @@ def _apply(sid: str, stage: Stage, src: PoolSource, pos: np.ndarray, manifest, s
         return _StageRun(row_chunks)
 
     def global_chunks(run):
-        bad = src.undecodable_among(pos) if stage.needs_embeddings() else 0
+        bad = max((src.unusable(sc).undecodable_among(pos) for sc, _ in stage.needs_embeddings()), default=0)
         if bad and stage._apply_to == "pool":
             raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of the pool's samples have no usable "
                              f"embedding (undecodable images or bad embeddings, see `curate status`); with "
@@ -1004,13 +1043,13 @@ def _ref_positions(sid: str, out: tuple[pl.DataFrame, np.ndarray], pos: np.ndarr
     return dec.drop(REF_ROW).with_columns(pl.Series("_ref_pos", ref_pos)), dec_pos
 
 
-def _share_pool_clustering(stage: Stage, inp: StageInput, pool: _Pool, pos: np.ndarray, manifest, cache) -> None:
+def _share_pool_clustering(stage: Stage, inp: StageInput, pools: _Pools, pos: np.ndarray, manifest, cache) -> None:
     """Cluster the run's whole pool once (cached across runs) and hand the stage that clustering
     restricted to its input (`inp.clusterings`), so a new eps, budget or upstream filter never
     re-clusters."""
-    src = pool.src
     spec = stage.cluster_spec(inp)
-    bad = src.undecodable_among(pos)
+    pool = pools.for_scorer(spec.scorer)
+    bad = pool.u.undecodable_among(pos)
     if bad:
         raise UsageError(f"stage {stage.name} needs embeddings, but {bad:,} of its samples have no usable "
                          f"embedding (undecodable images or bad embeddings, see `curate status`); put a "

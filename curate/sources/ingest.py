@@ -108,9 +108,19 @@ class Ingester:
         with self.m.transaction():
             uids = "SELECT uid FROM samples WHERE shard_id = ?"
             self.m.execute(f"DELETE FROM scores WHERE uid IN ({uids}) AND scorer LIKE 'datacomp-%'", [shard_id])
-            # metadata samples this shard gave an image keep their metadata, without the image
+            # Metadata samples this (image) shard gave an image keep their metadata, without the
+            # image and without what `curate score` computed from it.
+            detached = "SELECT uid FROM samples WHERE img_shard_id = $1 AND shard_id <> $1"
+            self.m.execute(f"DELETE FROM scores WHERE uid IN ({detached}) AND scorer NOT LIKE 'datacomp-%'",
+                           [shard_id])
             self.m.execute("UPDATE samples SET " + ", ".join(f"{c} = NULL" for c in IMAGE_COLUMNS) +
                            " WHERE img_shard_id = $1 AND shard_id <> $1", [shard_id])
+            # Samples of this (metadata) shard holding another shard's image go back to being that
+            # image shard's samples: the metadata's next ingest takes them over again, image kept.
+            self.m.execute(
+                "UPDATE samples SET shard_id = img_shard_id, key = img_key, row_idx = img_row, source = 'wds', "
+                "sha256 = coalesce(img_sha256, sha256) WHERE shard_id = $1 AND img_shard_id IS NOT NULL "
+                "AND img_shard_id <> $1", [shard_id])
             for table in ("samples", "sample_issues", "embeddings", "shards"):
                 self.m.execute(f"DELETE FROM {table} WHERE shard_id = ?", [shard_id])
 
@@ -249,8 +259,7 @@ class Ingester:
             att = cand.join(bad.select("uid"), on="uid", how="anti")
             if att.height:
                 self._with_frame("_attach", att,
-                    "UPDATE samples SET sha256 = coalesce(samples.sha256, a.sha256), "
-                    + ", ".join(f"{c} = a.{c}" for c in IMAGE_COLUMNS) +
+                    "UPDATE samples SET " + ", ".join(f"{c} = a.{c}" for c in IMAGE_COLUMNS) +
                     " FROM _attach a WHERE samples.uid = a.uid AND samples.img_shard_id IS NULL")
             self.summary.images_attached += att.height
             df = df.join(meta.select("uid"), on="uid", how="anti")
@@ -280,9 +289,11 @@ class Ingester:
         detach = ", ".join(f"{c} = CASE WHEN a._bad THEN NULL ELSE samples.{c} END" for c in IMAGE_COLUMNS)
         self._with_frame("_adopt", cand.with_columns(self._sha_mismatch("sha256", "img_sha256").alias("_bad")),
             "UPDATE samples SET " + ", ".join(f"{c} = a.{c}" for c in cols) +
-            ", sha256 = coalesce(a.sha256, samples.sha256), " + detach +
+            ", sha256 = a.sha256, " + detach +
             " FROM _adopt a WHERE samples.uid = a.uid AND samples.source = 'wds'")
         self.summary.images_attached += cand.height - bad.height
+        for img_shard in cand["img_shard_id"].unique().to_list():  # as if the metadata had come first
+            self._finish_shard_row(int(img_shard))
         adopted = df.join(own.select("uid"), on="uid", how="semi")
         return df.join(own.select("uid"), on="uid", how="anti"), adopted
 
@@ -580,9 +591,15 @@ class Ingester:
                     continue
                 # Images whose download failed before their metadata came (shards first): the
                 # sample is in now, metadata only, so the failure is a warning on it.
-                self._with_frame("_new", inserted.select("uid"),
-                    "UPDATE sample_issues SET action = 'warning' WHERE reason = 'download_failed' "
-                    "AND action = 'rejected' AND uid IN (SELECT uid FROM _new)")
+                self.m.con.register("_new", inserted.select("uid").to_arrow())
+                try:
+                    touched = self.m.execute(
+                        "UPDATE sample_issues SET action = 'warning' WHERE reason = 'download_failed' "
+                        "AND action = 'rejected' AND uid IN (SELECT uid FROM _new) RETURNING shard_id").fetchall()
+                finally:
+                    self.m.con.unregister("_new")
+                for (img_shard,) in set(touched):
+                    self._finish_shard_row(int(img_shard))
                 # Samples with an unusable embedding stay (caption, url and size are fine), each with
                 # one `bad_embedding` issue; their scores of that scorer are NULL.
                 if member_bad:

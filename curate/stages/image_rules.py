@@ -21,8 +21,8 @@ from .filters_datacomp import (Rule, decisions_from, empty_decisions, fails_abov
 
 # How the runner marks a `decode_error` that is a bad embedding, not an image that did not decode.
 BAD_EMBEDDING_PREFIX = "bad_embedding: "
-# A metadata sample without an image in a pool whose other samples have theirs, once `curate score`
-# has computed embeddings from them (curate/executors/local.py PoolSource).
+# A metadata sample without an image in a pool whose other samples have theirs
+# (curate/executors/local.py PoolSource).
 NO_IMAGE_PREFIX = "no_image: "
 
 
@@ -95,15 +95,15 @@ class ImageBytes(Stage):
 
 @register_stage
 class DecodeFailures(Stage):
-    """Drop samples that have no usable embedding: images the score stage could not decode, and
-    samples recorded with a bad embedding (non-finite or zero vector, at ingest or score).
+    """Drop samples that have no usable embedding: images the score stage could not decode,
+    samples recorded with a bad embedding (non-finite or zero vector, at ingest or score), and
+    DataComp metadata samples without an image in a pool whose other samples have images.
 
     Input column `decode_error` (str, null when the sample is usable): the recorded error of an
-    undecodable image, `bad_embedding: ` followed by what is wrong, or `no_image: ` and why for a
-    DataComp metadata sample without an image in a pool whose other samples have images that
-    `curate score` embedded. Reasons `no_image` (detail: download_failed / sha256_mismatch and its
-    detail, or that none was ingested), `bad_embedding` (detail = what is wrong, e.g.
-    `datacomp-l14 img: non-finite values`) and `undecodable` (detail = the recorded error); value NaN.
+    undecodable image, `bad_embedding: ` followed by what is wrong, or `no_image: ` and why.
+    Reasons `no_image` (detail: download_failed / sha256_mismatch and its detail, or that none was
+    ingested), `bad_embedding` (detail = what is wrong, e.g. `datacomp-l14 img: non-finite
+    values`) and `undecodable` (detail = the recorded error); value NaN.
 
     Images are decoded by `curate score`: over a pool with images that no score run has covered
     the stage would keep everything (a truncated JPEG included), so the runner stops with one
