@@ -22,8 +22,12 @@ def score(
     workspace: WorkspaceOpt = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Scorer name (one --model only).")] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture for a bare checkpoint path.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N. auto uses every visible "
-                                        "GPU (one process each), else the CPU.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N, or a comma list "
+                                        "(cuda:0,cuda:2; cpu,cpu runs the multi-device path on the CPU): one "
+                                        "worker process per device. auto uses every visible GPU, else the CPU.")]
+    = "auto",
+    retries: Annotated[int, typer.Option("--retries", help="Times a device worker that dies or fails is started "
+                                         "again on its unfinished shards (several devices).")] = 2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (GPU chunks back off on OOM).")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader workers decoding and resizing.")] = max(1, min(8, (os.cpu_count() or 2) - 1)),
     flip: Annotated[bool, typer.Option("--flip", help="Also score the horizontally flipped image (stored as "
@@ -44,7 +48,9 @@ def score(
     captions are recorded per sample and never abort a shard. DataComp pools need no scoring:
     their `datacomp-b32`/`datacomp-l14` scorers come with ingest.
 
-    Example: `curate score -w ws/ --model ViT-L-14:datacomp_xl_s13b_b90k --model dfn --flip`
+    Examples:
+      `curate score -w ws/ --model ViT-L-14:datacomp_xl_s13b_b90k --model dfn --flip`
+      `curate score -w ws/ --model dfn --device cuda:0,cuda:1 --workers 6`
     """
     setup(json_output, quiet, debug)
     if preprocess not in ("fast", "exact"):
@@ -63,10 +69,10 @@ def score(
         with open_manifest(ws) as m:
             params = {"models": [s.canonical for s in specs], "names": [s.name for s in specs], "device": device,
                       "batch_size": batch_size, "workers": workers, "flip": flip, "preprocess": preprocess,
-                      "force": force}
+                      "force": force, "retries": retries}
             with m.run("score", params) as rec:
                 summary = run_score(ws, m, specs, device=device, cache_dir=cache_dir, opts=opts, force=force,
-                                    run_id=rec.run_id)
+                                    run_id=rec.run_id, retries=retries)
                 rec.summary = summary
     finally:
         ws.close()

@@ -72,8 +72,17 @@ def resolve_device(text: str | torch.device | None = "auto") -> torch.device:
 
 
 def worker_devices(text: str | None = "auto") -> list[torch.device]:
-    """Devices to fan out over: every visible GPU for `auto`/`cuda` with several GPUs, else one."""
+    """Devices to fan out over: every visible GPU for `auto`/`cuda` with several GPUs; each of a
+    comma list (`cuda:0,cuda:1`; `cpu,cpu` runs the multi-device path on the CPU); else one."""
     t = (text or "auto").strip().lower()
+    if "," in t:
+        devs = [resolve_device(x) for x in t.split(",") if x.strip()]
+        cuda = [d for d in devs if d.type == "cuda"]
+        if len(set(cuda)) != len(cuda):
+            raise UsageError(f"--device {text!r}: a GPU is named twice")
+        if not devs:
+            raise UsageError(f"--device {text!r}: no device named")
+        return devs
     if t in ("auto", "cuda") and cuda_device_count() > 1:
         return [torch.device(d) for d in visible_gpus()]
     return [resolve_device(text)]

@@ -11,8 +11,13 @@ row-aligned with `samples.row_idx`, zeros where the image failed), written atomi
 one manifest transaction registers them with the scores (fp32 cosine; NULL where the image
 failed or the caption is empty) and the per-sample failures (`sample_issues`, action
 `unscored`). A shard is finished when that transaction commits; finished shards are skipped on
-rerun unless `force`. With several GPUs, one process per GPU scores a disjoint set of shards
-and the parent registers what they write.
+rerun unless `force`. With several devices (every visible GPU, or `--device cuda:0,cuda:1`;
+`cpu,cpu` runs the same path on the CPU), one worker process per device (not a daemon: it has
+DataLoader workers of its own) scores a disjoint set of shards, each shard's rows handed over as
+a small parquet file, never as Python objects; the parent registers what they write. A worker
+that dies or fails is started again on its unfinished shards (`retries` times); shards still
+unfinished then make the command fail (exit 1) naming them. Nothing is registered that was not
+written.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
+import os
 import queue as queue_mod
+import signal
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -32,7 +39,7 @@ import torch
 
 from .. import console
 from ..embeddings import EmbeddingRef, register
-from ..errors import UsageError
+from ..errors import CurateError, UsageError
 from ..export.tario import Source
 from ..workspace import atomic_path, atomic_save_npy
 
@@ -51,6 +58,20 @@ class ShardJob:
     ends: list[int]
     exts: list[str]
     captions: list[str | None]
+
+    def save(self, path: Path) -> None:
+        """The job's rows as a parquet file (what a worker process is handed)."""
+        with atomic_path(path, suffix=".parquet") as tmp:
+            pl.DataFrame({"row_idx": self.rows, "uid": self.uids, "key": self.keys, "tar_offset": self.offsets,
+                          "tar_end": self.ends, "image_ext": self.exts, "caption": self.captions},
+                         schema={"row_idx": pl.Int64, "uid": pl.Utf8, "key": pl.Utf8, "tar_offset": pl.Int64,
+                                 "tar_end": pl.Int64, "image_ext": pl.Utf8, "caption": pl.Utf8}).write_parquet(tmp)
+
+    @classmethod
+    def load(cls, shard_id: int, path: str, n_rows: int, job_file: Path) -> "ShardJob":
+        g = pl.read_parquet(job_file)
+        return cls(shard_id, path, n_rows, g["row_idx"].to_list(), g["uid"].to_list(), g["key"].to_list(),
+                   g["tar_offset"].to_list(), g["tar_end"].to_list(), g["image_ext"].to_list(), g["caption"].to_list())
 
 
 @dataclass
@@ -319,49 +340,183 @@ def _as_is(item):
     return item
 
 
-def _gpu_worker(ws_root: str, device: str, jobs: list[ShardJob], specs, cache_dir, opts: ScoreOptions, q) -> None:
-    """One process per GPU: score a disjoint set of shards, report each finished shard."""
+# Tests make a device worker kill itself (SIGKILL) after finishing N shards: "SLOT:N" on its
+# first attempt, "SLOT:N:always" on every attempt.
+CRASH_ENV = "CURATE_SCORE_WORKER_CRASH"
+
+
+def _crash_after(slot: int, attempt: int) -> int | None:
+    v = os.environ.get(CRASH_ENV)
+    if not v:
+        return None
+    parts = v.split(":")
+    if int(parts[0]) != slot or (attempt > 0 and parts[2:] != ["always"]):
+        return None
+    return int(parts[1])
+
+
+def _device_worker(slot: int, attempt: int, ws_root: str, device: str, tasks: list[tuple[int, str, int, str]],
+                   specs, cache_dir, opts: ScoreOptions, q) -> None:
+    """One process per device: load the models, score its shards (each task: shard id, tar path,
+    array rows, the parquet of its rows), report each finished shard to the parent."""
     from ..models.loader import load_models
     from ..workspace import Workspace
 
     try:
         models = load_models(specs, device, cache_dir=cache_dir)
-        score_jobs(Workspace(Path(ws_root)), jobs, models, opts, lambda sid: q.put(("done", sid)),
-                   on_batch=lambda n: q.put(("batch", n)))
-        q.put(("exit", None))
+        q.put((slot, "scorers", scorer_rows_of(models)))
+        jobs = [ShardJob.load(sid, path, n, Path(f)) for sid, path, n, f in tasks]
+        crash = _crash_after(slot, attempt)
+        finished = 0
+
+        def on_done(sid: int) -> None:
+            nonlocal finished
+            q.put((slot, "done", sid))
+            finished += 1
+            if crash is not None and finished >= crash:
+                time.sleep(0.2)  # let the queue's feeder thread send it
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        score_jobs(Workspace(Path(ws_root)), jobs, models, opts, on_done, on_batch=lambda n: q.put((slot, "batch", n)))
+        q.put((slot, "exit", None))
     except BaseException as exc:  # report, the parent decides
-        q.put(("error", f"{device}: {type(exc).__name__}: {exc}"))
+        q.put((slot, "error", f"{device}: {type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
 
 
-def run_score(ws, manifest, specs, *, device: str, cache_dir, opts: ScoreOptions, force: bool, run_id: int) -> dict:
+def scorer_rows_of(models) -> list[dict]:
+    return [{"name": m.name, "kind": m.spec.kind, "spec": m.spec.canonical, "dim": m.embed_dim,
+             "params": json.dumps(m.describe(), default=str)} for m in models]
+
+
+def _score_on_devices(ws, jobs: list[ShardJob], devices, specs, cache_dir, opts: ScoreOptions, *, retries: int,
+                      on_rows, on_done, on_batch, retried: list[str]) -> None:
+    """One worker process per device over disjoint shard sets; a worker that dies or fails is
+    started again on its unfinished shards, `retries` times; then CurateError names them."""
+    from .device import partition_shards
+
+    job_dir = result_dir(ws) / "jobs"
+    job_dir.mkdir(exist_ok=True)
+    tasks = {}
+    for j in jobs:
+        f = job_dir / f"{j.shard_id:08d}.parquet"
+        j.save(f)
+        tasks[j.shard_id] = (j.shard_id, j.path, j.n_rows, str(f))
+    parts = partition_shards([j.shard_id for j in jobs], len(devices), weights=[len(j.rows) for j in jobs])
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    finished: set[int] = set()
+    slots: dict[int, tuple] = {}  # slot -> (device, its shards, attempt, process), while it runs
+    errors: dict[int, str | None] = {}  # slot -> what its current attempt reported, if it failed
+
+    def start(slot: int, device, sids: list[int], attempt: int) -> None:
+        p = ctx.Process(target=_device_worker, args=(slot, attempt, str(ws.root), str(device),
+                                                     [tasks[s] for s in sids], specs, cache_dir, opts, q),
+                        name=f"curate-score-{device}-{slot}")
+        errors[slot] = None
+        p.start()
+        slots[slot] = (device, sids, attempt, p)
+
+    def handle(msg) -> None:
+        slot, kind, val = msg
+        if kind == "done":
+            on_done(val)
+            finished.add(val)
+        elif kind == "batch":
+            on_batch(val)
+        elif kind == "scorers":
+            on_rows(val)
+        elif kind == "error":
+            errors[slot] = val
+
+    for slot, (d, part) in enumerate(zip(devices, parts)):
+        if part:
+            start(slot, d, list(part), 0)
+    unfinished: dict[int, str] = {}
+    try:
+        while slots:
+            try:
+                handle(q.get(timeout=1))
+                continue
+            except queue_mod.Empty:
+                pass
+            for slot in [s for s, v in slots.items() if not v[3].is_alive()]:
+                device, sids, attempt, p = slots.pop(slot)
+                p.join()
+                while True:  # what it sent before it ended
+                    try:
+                        handle(q.get(timeout=0.2))
+                    except queue_mod.Empty:
+                        break
+                error = errors[slot]
+                for sid in sids:  # written, but its message was lost with the process: register it
+                    if sid not in finished and (result_dir(ws) / f"{sid:08d}.files.json").exists():
+                        on_done(sid)
+                        finished.add(sid)
+                left = [s for s in sids if s not in finished]
+                if not left and p.exitcode == 0:
+                    continue
+                why = error or (f"exit code {p.exitcode}" if p.exitcode is not None and p.exitcode >= 0
+                                else f"killed by signal {-(p.exitcode or 0)}")
+                if left and attempt < retries:
+                    retried.append(f"{device}: {why}; {len(left)} shard(s) again")
+                    console.warn(f"score worker on {device} ended ({why}); starting it again on its "
+                                 f"{len(left)} unfinished shard(s)")
+                    start(slot, device, left, attempt + 1)
+                else:
+                    for s in left:
+                        unfinished[s] = f"{device}: {why}"
+    finally:
+        for v in slots.values():  # Ctrl-C or an error here: stop the workers
+            if v[3].is_alive():
+                v[3].terminate()
+            v[3].join()
+        if not slots:
+            for f in job_dir.glob("*.parquet"):
+                f.unlink(missing_ok=True)
+    if unfinished:
+        shown = ", ".join(f"{s}" for s in sorted(unfinished)[:20]) + (" ..." if len(unfinished) > 20 else "")
+        reasons = "; ".join(sorted(set(unfinished.values())))
+        raise CurateError(f"{len(unfinished)} shard(s) not scored after {retries} retries (shard ids {shown}): "
+                          f"{reasons}. What finished is registered; rerun to score the rest")
+
+
+def run_score(ws, manifest, specs, *, device: str, cache_dir, opts: ScoreOptions, force: bool, run_id: int,
+              retries: int = 2) -> dict:
     from ..models.loader import load_models
-    from .device import partition_shards, worker_devices
+    from .device import worker_devices
 
     names = [s.name for s in specs]
     _check_scorer_names(manifest, specs)
     devices = worker_devices(device)
     t0 = time.perf_counter()
+    # One device: the models load here. Several: each worker loads them on its device and
+    # describes them to the parent (no copy of the weights in the parent).
     models = load_models(specs, devices[0], cache_dir=cache_dir) if len(devices) == 1 else None
-    probe = models or load_models(specs, "cpu", cache_dir=cache_dir)
-    scorer_rows = [{"name": m.name, "kind": m.spec.kind, "spec": m.spec.canonical, "dim": m.embed_dim,
-                    "params": json.dumps(m.describe(), default=str)} for m in probe]
-    del probe
+    scorer_rows: list[dict] | None = scorer_rows_of(models) if models else None
     stats = {"failed": 0, "empty_caption": 0, "bad_embedding": 0}
     # Shards whose outputs were written but not registered before an interruption: register them.
-    recovered = 0
-    for p in sorted(result_dir(ws).glob("*.parquet")):
-        if p.with_suffix(".files.json").exists() and not force:
-            c = register_shard(manifest, ws, int(p.stem), run_id, scorer_rows)
-            stats = {k: stats[k] + c[k] for k in stats}
-            recovered += 1
+    leftover = [int(p.stem) for p in sorted(result_dir(ws).glob("*.parquet"))
+                if p.with_suffix(".files.json").exists() and not force]
+    if leftover and scorer_rows is None:
+        scorer_rows = scorer_rows_of(load_models(specs, "cpu", cache_dir=cache_dir))
+    registered: set[int] = set()
+
+    def done(sid: int) -> None:
+        if sid in registered:
+            return
+        c = register_shard(manifest, ws, sid, run_id, scorer_rows)
+        registered.add(sid)
+        for k in stats:
+            stats[k] += c[k]
+
+    for sid in leftover:
+        done(sid)
+    recovered = len(leftover)
     jobs, n_done = plan_jobs(manifest, names, flip=opts.flip, force=force)
     total = sum(len(j.rows) for j in jobs)
     n_scored = 0
-
-    def done(sid: int) -> None:
-        c = register_shard(manifest, ws, sid, run_id, scorer_rows)
-        for k in stats:
-            stats[k] += c[k]
+    retried: list[str] = []
 
     with console.progress() as bar:
         task = bar.add_task(f"score ({len(jobs)} shards)", total=total)
@@ -372,43 +527,23 @@ def run_score(ws, manifest, specs, *, device: str, cache_dir, opts: ScoreOptions
                 bar.advance(task, n)
             if jobs:
                 score_jobs(ws, jobs, models, opts, done, on_batch)
-        else:
-            parts = partition_shards([j.shard_id for j in jobs], len(devices), weights=[len(j.rows) for j in jobs])
-            by_id = {j.shard_id: j for j in jobs}
-            ctx = mp.get_context("spawn")
-            q = ctx.Queue()
-            procs = [ctx.Process(target=_gpu_worker, args=(str(ws.root), str(d), [by_id[s] for s in part], specs,
-                                                           cache_dir, opts, q), daemon=True)
-                     for d, part in zip(devices, parts) if part]
-            for p in procs:
-                p.start()
-            alive = len(procs)
-            errors = []
-            while alive:
-                try:
-                    kind, val = q.get(timeout=5)
-                except queue_mod.Empty:
-                    if not any(p.is_alive() for p in procs):
-                        break
-                    continue
-                if kind == "done":
-                    done(val)
-                elif kind == "batch":
-                    n_scored += val
-                    bar.advance(task, val)
-                elif kind in ("exit", "error"):
-                    alive -= 1
-                    if kind == "error":
-                        errors.append(val)
-            for p in procs:
-                p.join()
-            if errors:
-                raise UsageError("scoring failed on " + "; ".join(errors))
+        elif jobs:
+            def on_rows(rows: list[dict]) -> None:
+                nonlocal scorer_rows
+                scorer_rows = scorer_rows or rows
+
+            def on_batch(n: int) -> None:
+                nonlocal n_scored
+                n_scored += n
+                bar.advance(task, n)
+
+            _score_on_devices(ws, jobs, devices, specs, cache_dir, opts, retries=retries, on_rows=on_rows,
+                              on_done=done, on_batch=on_batch, retried=retried)
     seconds = time.perf_counter() - t0
     return {"scorers": names, "device": str(devices[0]) if len(devices) == 1 else [str(d) for d in devices],
             "shards_scored": len(jobs), "shards_already_done": n_done - recovered, "shards_recovered": recovered,
             "samples_scored": n_scored, "undecodable": stats["failed"], "empty_captions": stats["empty_caption"],
-            "bad_embeddings": stats["bad_embedding"],
+            "bad_embeddings": stats["bad_embedding"], **({"workers_restarted": retried} if retried else {}),
             "seconds": round(seconds, 2), "samples_per_s": round(n_scored / seconds, 1) if seconds else None}
 
 
