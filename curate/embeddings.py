@@ -8,7 +8,9 @@ as memory maps, a chunk at a time: nothing here loads a whole pool.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -37,20 +39,40 @@ class EmbeddingRef:
                          shape=(self.n_rows, self.dim))
 
 
+def _root(manifest) -> Path:
+    return Path(manifest.path).absolute().parent
+
+
+def stored_path(manifest, path: str | Path) -> str:
+    """How the manifest stores a file's path: relative to the workspace for the workspace's own
+    files (so a moved workspace still finds them), absolute for anything else (a DataComp npz
+    referenced in place; `curate relocate` rewrites those)."""
+    p, root = Path(path).absolute(), _root(manifest)
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def resolved_path(manifest, path: str) -> str:
+    return path if os.path.isabs(path) else str(_root(manifest) / path)
+
+
 def register(manifest, ref: EmbeddingRef) -> None:
     manifest.execute("DELETE FROM embeddings WHERE scorer = ? AND shard_id = ? AND kind = ?",
                      [ref.scorer, ref.shard_id, ref.kind])
     manifest.execute(
         "INSERT INTO embeddings (scorer, shard_id, kind, path, member, byte_offset, dtype, n_rows, dim) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [ref.scorer, ref.shard_id, ref.kind, ref.path, ref.member, ref.offset, ref.dtype, ref.n_rows, ref.dim])
+        [ref.scorer, ref.shard_id, ref.kind, stored_path(manifest, ref.path), ref.member, ref.offset, ref.dtype,
+         ref.n_rows, ref.dim])
 
 
 def refs(manifest, scorer: str, kind: str) -> dict[int, EmbeddingRef]:
     rows = manifest.execute(
         "SELECT scorer, shard_id, kind, path, member, byte_offset, dtype, n_rows, dim FROM embeddings "
         "WHERE scorer = ? AND kind = ?", [scorer, kind]).fetchall()
-    return {r[1]: EmbeddingRef(*r) for r in rows}
+    return {r[1]: EmbeddingRef(r[0], r[1], r[2], resolved_path(manifest, r[3]), *r[4:]) for r in rows}
 
 
 def available(manifest) -> list[tuple[str, str, int, int]]:

@@ -250,6 +250,11 @@ class Manifest:
                 self.con.execute(f"ALTER TABLE samples ADD COLUMN {col} {typ}")
             self.con.execute("UPDATE samples SET img_shard_id = shard_id, img_key = key, img_row = row_idx "
                              "WHERE image_ext IS NOT NULL")
+        # schema 2: the workspace's own embedding files by paths relative to it (a moved workspace
+        # still finds them); idempotent
+        root = str(self.path.absolute().parent)
+        self.con.execute("UPDATE embeddings SET path = substr(path, length(?) + 2) WHERE starts_with(path, ? || '/')",
+                         [root, root])
         self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value::INTEGER < ?",
                          [str(SCHEMA_VERSION), SCHEMA_VERSION])
 

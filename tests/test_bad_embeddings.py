@@ -173,7 +173,7 @@ def test_bad_rows_become_issues_and_null_scores(bad_pool):
 
     for r in refs.iter_rows(named=True):
         stem = Path(r["src"]).stem
-        ref = EmbeddingRef(r["scorer"], 0, r["kind"], r["path"], r["member"], r["byte_offset"], r["dtype"],
+        ref = EmbeddingRef(r["scorer"], 0, r["kind"], str(ws / r["path"]), r["member"], r["byte_offset"], r["dtype"],
                            r["n_rows"], r["dim"])
         key = r["scorer"].split("-")[1] + "_" + r["kind"]
         assert np.array_equal(np.asarray(ref.open()), files[stem][1][key], equal_nan=True)
@@ -464,7 +464,7 @@ def test_fortran_order_members_are_read_back_row_for_row(tmp_path):
                    "WHERE e.scorer = 'datacomp-b32' AND e.kind = 'img'").iter_rows(named=True):
         with np.load(Path(r["src"]).with_suffix(".npz")) as z:
             want = z["b32_img"]
-        ref = EmbeddingRef(r["scorer"], r["shard_id"], r["kind"], r["path"], r["member"], r["byte_offset"],
+        ref = EmbeddingRef(r["scorer"], r["shard_id"], r["kind"], str(ws / r["path"]), r["member"], r["byte_offset"],
                            r["dtype"], r["n_rows"], r["dim"])
         assert np.array_equal(np.asarray(ref.open()), want)
     got = q(ws, "SELECT s.path, i.key, i.detail FROM sample_issues i JOIN shards s USING (shard_id)")
@@ -540,7 +540,7 @@ def test_score_records_non_finite_model_embeddings(nan_token_model):
     # arrays: zeros where unusable, finite everywhere
     rows = q(ws, "SELECT s.uid, s.row_idx, e.path FROM samples s JOIN embeddings e USING (shard_id) "
                  "WHERE e.scorer = 'tiny' AND e.kind = 'txt'")
-    arrays = {p: np.load(p) for p in set(rows["path"])}
+    arrays = {p: np.load(ws / p) for p in set(rows["path"])}  # workspace files: relative
     for u, r, p in rows.rows():
         assert np.isfinite(arrays[p][r]).all()
         assert (not arrays[p][r].any()) == (u in holders)

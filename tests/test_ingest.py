@@ -187,7 +187,7 @@ def test_datacomp_stored_and_compressed(tmp_path):
                  "s.path FROM embeddings e JOIN shards s USING (shard_id)")
     assert len(refs) == 8
     for r in refs:
-        ref = EmbeddingRef(*r[:9])
+        ref = EmbeddingRef(*r[:3], str(ws / r[3]), *r[4:9])  # workspace files: relative to it
         arrays = arr_a if r[9].endswith("0000000000.parquet") else arr_b
         key = ("b32_" if ref.scorer.endswith("b32") else "l14_") + ref.kind
         assert np.array_equal(np.asarray(ref.open()), arrays[key])

@@ -69,7 +69,7 @@ def test_every_sample_scored_or_explained(tmp_path, pool, tiny_ckpt):
     ok = scores.join(samples, on="uid").filter(pl.col("score").is_not_null())
     for sid in ok["shard_id"].unique().to_list():
         paths = {k: p for s, k, p in refs.rows() if s == sid}
-        img, txt = np.load(paths["img"]).astype(np.float32), np.load(paths["txt"]).astype(np.float32)
+        img, txt = np.load(ws / paths["img"]).astype(np.float32), np.load(ws / paths["txt"]).astype(np.float32)
         part = ok.filter(pl.col("shard_id") == sid)
         rows = part["row_idx"].to_numpy()
         np.testing.assert_allclose(np.linalg.norm(img[rows], axis=1), 1.0, atol=2e-3)
@@ -91,7 +91,7 @@ def test_offline_pretrained_name_is_one_clear_line(tmp_path, pool):
 
 def _arrays(ws: Path) -> dict:
     refs = _q(ws, f"SELECT shard_id, kind, path FROM embeddings WHERE scorer = '{SCORER}' ORDER BY ALL")
-    return {(s, k): np.load(p) for s, k, p in refs.rows()}
+    return {(s, k): np.load(Path(ws) / p) for s, k, p in refs.rows()}  # workspace files: relative paths
 
 
 def test_kill_and_resume_identical(tmp_path, pool, tiny_ckpt):

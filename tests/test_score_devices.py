@@ -44,7 +44,7 @@ def scored(tmp_path: Path, shards: Path, name: str, tiny_ckpt, *extra, env=None,
 
 def outputs(ws: Path) -> tuple[dict, dict]:
     scores = dict(q(ws, "SELECT uid, score FROM scores WHERE scorer = 'tiny'"))
-    arrays = {(sid, kind): np.load(path) for sid, kind, path in
+    arrays = {(sid, kind): np.load(ws / path) for sid, kind, path in
               q(ws, "SELECT shard_id, kind, path FROM embeddings WHERE scorer = 'tiny'")}
     return scores, arrays
 
