@@ -34,6 +34,8 @@ def train_filter_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
     cache_dir: Annotated[Optional[str], typer.Option("--cache-dir")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when one is visible, bf16 autocast where "
+                                        "supported) | cpu | cuda | cuda:N.")] = "auto",
     json_output: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Train (or fine-tune) an open_clip model as a data filtering network on trusted data.
@@ -60,5 +62,5 @@ def train_filter_cmd(
             samples = samples_from_workspace(m, run, stage)
     summary = train_filter(samples, out, arch=arch, init=init, epochs=epochs, max_minutes=max_minutes,
                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
-                           val_fraction=val_fraction, cache_dir=cache_dir)
+                           val_fraction=val_fraction, cache_dir=cache_dir, device=device)
     console.emit(summary, title="train-filter")

@@ -99,8 +99,12 @@ def _collate_all(samples: list[TrustedSample], collator, batch: int = 256):
 def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | None, init: str | None,
                  epochs: int, max_minutes: float, batch_size: int, lr: float, weight_decay: float,
                  warmup: int, seed: int, val_fraction: float, cache_dir=None, threads: int | None = None,
-                 max_memory_gb: float = 8.0) -> dict:
+                 max_memory_gb: float = 8.0, device: str = "auto") -> dict:
+    import contextlib
+
     import open_clip
+
+    from ..score.device import resolve_device
 
     from ..models.loader import load_model
     from ..models.specs import ensure_configs_registered, parse_spec
@@ -143,6 +147,11 @@ def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | Non
 
     # One core stays free for the OS and I/O: oversubscribed BLAS threads are many times slower.
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    dev = resolve_device(device)
+    model.to(dev)
+    # bf16 autocast on GPUs that have it (no loss scaling needed); fp32 elsewhere
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported() else contextlib.nullcontext
     model.train()
     decay = [p for nme, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in nme]
     no_decay = [p for nme, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in nme]
@@ -171,10 +180,11 @@ def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | Non
                 idx = torch.from_numpy(perm[b * batch_size:(b + 1) * batch_size])
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step)
-                img = normalize_batch(images[idx], mean, std)
-                img_f = model.encode_image(img, normalize=True)
-                txt_f = model.encode_text(tokens[idx], normalize=True)
-                loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+                img = normalize_batch(images[idx].to(dev, non_blocking=True), mean, std)
+                with amp():
+                    img_f = model.encode_image(img, normalize=True)
+                    txt_f = model.encode_text(tokens[idx].to(dev, non_blocking=True), normalize=True)
+                    loss = loss_fn(img_f.float(), txt_f.float(), model.logit_scale.exp())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -190,7 +200,8 @@ def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | Non
             if stopped == "time":
                 break
     train_s = time.perf_counter() - train_t0
-    val = _val_accuracy(model, images, tokens, val_idx, mean, std, batch_size) if n_val else None
+    val = _val_accuracy(model, images, tokens, val_idx, mean, std, batch_size, dev) if n_val else None
+    model.to("cpu")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "filter.pt"
@@ -201,7 +212,8 @@ def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | Non
               "train_samples": int(len(train_idx)), "val_samples": int(n_val)}
     with atomic_path(out_dir / "params.txt") as tmp:
         tmp.write_text("".join(f"{k}: {v}\n" for k, v in params.items()))
-    summary = {"checkpoint": str(ckpt), "arch": arch_name, "samples": len(samples), "decoded": int(n),
+    summary = {"checkpoint": str(ckpt), "arch": arch_name, "device": str(dev), "samples": len(samples),
+               "decoded": int(n),
                "train_samples": int(len(train_idx)), "val_samples": int(n_val), "epochs_done": len(history),
                "steps": step, "stopped_by": stopped, "decode_s": round(decode_s, 1), "train_s": round(train_s, 1),
                "samples_per_s": round(step * batch_size / train_s, 1) if train_s else None,
@@ -215,15 +227,15 @@ def train_filter(samples: list[TrustedSample], out_dir: Path, *, arch: str | Non
 
 
 @torch.no_grad()
-def _val_accuracy(model, images, tokens, idx, mean, std, batch_size) -> float:
+def _val_accuracy(model, images, tokens, idx, mean, std, batch_size, dev=torch.device("cpu")) -> float:
     """Image→text top-1 within held-out batches (chance = 1 / batch size)."""
     model.eval()
     hits = total = 0
     for start in range(0, len(idx) - batch_size + 1, batch_size):
         b = torch.from_numpy(idx[start:start + batch_size])
-        i = model.encode_image(normalize_batch(images[b], mean, std), normalize=True)
-        t = model.encode_text(tokens[b], normalize=True)
-        pred = (i @ t.T).argmax(1)
+        i = model.encode_image(normalize_batch(images[b].to(dev), mean, std), normalize=True).float()
+        t = model.encode_text(tokens[b].to(dev), normalize=True).float()
+        pred = (i @ t.T).argmax(1).cpu()
         hits += int((pred == torch.arange(len(b))).sum())
         total += len(b)
     model.train()
