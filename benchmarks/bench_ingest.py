@@ -30,6 +30,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+
+def write_datacomp_npz(stem, rng, n: int) -> None:
+    """DataComp's npz beside a parquet: b32 (512) and l14 (768) img/txt unit rows in fp16."""
+    arrays = {}
+    for name, d in (("b32", 512), ("l14", 768)):
+        for kind in ("img", "txt"):
+            e = rng.standard_normal((n, d), dtype=np.float32)
+            e /= np.linalg.norm(e, axis=1, keepdims=True)
+            arrays[f"{name}_{kind}"] = e.astype(np.float16)
+    np.savez(str(stem) + ".npz", **arrays)
+
 def generate(out: Path, rows: int, shard_rows: int, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -41,13 +52,7 @@ def generate(out: Path, rows: int, shard_rows: int, seed: int = 0) -> None:
         hi = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
         lo = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
         uids = [f"{a:016x}{b:016x}" for a, b in zip(hi.tolist(), lo.tolist())]
-        arrays = {}
-        for name, d in (("b32", 512), ("l14", 768)):
-            for kind in ("img", "txt"):
-                e = rng.standard_normal((n, d), dtype=np.float32)
-                e /= np.linalg.norm(e, axis=1, keepdims=True)
-                arrays[f"{name}_{kind}"] = e.astype(np.float16)
-        np.savez(str(stem) + ".npz", **arrays)
+        write_datacomp_npz(stem, rng, n)
         words = np.array(["a", "photo", "of", "red", "blue", "dog", "cat", "on", "the", "beach", "house", "car"])
         idx = rng.integers(0, len(words), (n, 6))
         text = [" ".join(r) for r in words[idx].tolist()]
@@ -59,7 +64,6 @@ def generate(out: Path, rows: int, shard_rows: int, seed: int = 0) -> None:
             "clip_l14_similarity_score": rng.random(n, dtype=np.float32) * 0.4,
             "face_bboxes": [[] for _ in range(n)],
         }), str(stem) + ".parquet")
-        del arrays
 
 
 def generate_wds(out: Path, rows: int, shard_rows: int, compressed: bool) -> None:
