@@ -8,7 +8,8 @@ from curate.cluster import normalise_rows, uid_ranks
 from curate.errors import UsageError
 from curate.stages.base import ArrayEmbeddings, StageInput, get_stage
 from curate.stages.dedup_exact import normalise_urls
-from curate.stages.semdedup import apply_eps, calibrate_eps, cluster_order, max_earlier, semdedup_pass
+from curate.stages.semdedup import (apply_eps, calibrate_eps, cluster_order, max_earlier, max_earlier_torch,
+                                    semdedup_pass, similarity_device)
 
 
 def uids_for(n, offset=0):
@@ -106,9 +107,23 @@ def test_max_earlier_equals_dense(n, block, tile):
 def test_max_earlier_ties_take_first_occurrence():
     e = np.eye(4, dtype=np.float32)
     x = e[[0, 1, 0, 0, 1, 2, 1]]
-    sim, idx, _ = max_earlier(x, block_rows=2, tile_cols=2)
-    assert idx.tolist() == [-1, 0, 0, 0, 1, 0, 1]  # all-zero rows tie at index 0
-    assert sim[2] == 1.0 and sim[1] == 0.0
+    for fn in (max_earlier, lambda *a, **k: max_earlier_torch(*a, "cpu", **k)):
+        sim, idx, _ = fn(x, block_rows=2, tile_cols=2)
+        assert idx.tolist() == [-1, 0, 0, 0, 1, 0, 1]  # all-zero rows tie at index 0
+        assert sim[2] == 1.0 and sim[1] == 0.0
+
+
+@pytest.mark.parametrize("n,block,tile", [(1, 4, 4), (37, 8, 8), (300, 32, 64), (513, 64, 100)])
+def test_max_earlier_on_torch_equals_numpy(n, block, tile):
+    """The GPU path's algorithm (torch matmuls; here on torch's CPU device): the same nearest
+    earlier rows and similarities as the numpy path."""
+    rng = np.random.default_rng(n + 1)
+    x = normalise_rows(rng.standard_normal((n, 24)).astype(np.float16))
+    sim, idx, flops = max_earlier(x, block, tile)
+    tsim, tidx, tflops = max_earlier_torch(x, "cpu", block, tile)
+    assert np.array_equal(idx, tidx) and flops == tflops
+    assert np.allclose(sim[1:], tsim[1:], atol=1e-6, rtol=0) and tsim[0] == -np.inf
+    assert similarity_device("cpu") is None  # numpy on the CPU; a CUDA device only where torch sees one
 
 
 @pytest.mark.parametrize("eps", [0.005, 0.03, 0.15, 0.4])

@@ -163,18 +163,76 @@ def max_earlier(x: np.ndarray, block_rows: int = 512, tile_cols: int = 8192) -> 
     return best, arg, flops
 
 
+def max_earlier_torch(x: np.ndarray, device: str, block_rows: int = 512,
+                      tile_cols: int = 8192) -> tuple[np.ndarray, np.ndarray, float]:
+    """`max_earlier` as torch matmuls on `device` (a GPU when the stage finds one): the same
+    blocks, tiles, masking and first-occurrence ties; the cluster's rows go to the device once."""
+    import torch
+
+    n = len(x)
+    best = np.full(n, -np.inf, dtype=np.float32)
+    arg = np.full(n, -1, dtype=np.int64)
+    d = x.shape[1] if x.ndim == 2 else 0
+    if n == 0:
+        return best, arg, 0.0
+    flops = 0.0
+    tile_cols = max(int(tile_cols), int(block_rows))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    bt = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    at = torch.full((n,), -1, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for s in range(0, n, block_rows):
+            e = min(n, s + block_rows)
+            q = xt[s:e]
+            m = e - s
+            tri = torch.ones((m, m), dtype=torch.bool, device=device).triu()
+            for t in range(0, e, tile_cols):
+                t2 = min(e, t + tile_cols)
+                sims = q @ xt[t:t2].T
+                flops += 2.0 * m * (t2 - t) * d
+                if t2 > s:  # this tile holds columns of the block itself: hide i >= j
+                    lo = max(s, t)
+                    sims[:, lo - t:].masked_fill_(tri[:, lo - s:t2 - s], float("-inf"))
+                v, a = sims.max(dim=1)
+                upd = v > bt[s:e]  # strict: an earlier tile keeps ties (first occurrence)
+                bt[s:e] = torch.where(upd, v, bt[s:e])
+                at[s:e] = torch.where(upd, a + t, at[s:e])
+                del sims
+    best[:] = bt.cpu().numpy()
+    arg[:] = at.cpu().numpy()
+    return best, arg, flops
+
+
+def similarity_device(device: str | None) -> str | None:
+    """Where the within-cluster similarities run: a torch CUDA device when the stage's `device`
+    allows a GPU and torch sees one, else None (numpy / BLAS on the CPU)."""
+    req = (device or "auto").strip().lower()
+    if req == "cpu":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    if req.startswith("gpu:") and req[4:].split(",")[0].strip().isdigit():
+        return f"cuda:{int(req[4:].split(',')[0])}"
+    return "cuda:0"
+
+
 # ---------------------------------------------------------------------------------------------
 # The similarity pass and its cache
 # ---------------------------------------------------------------------------------------------
 
 def similarity_pass(cin: ClusteredInput, keep: str = "farthest", seed: int = 0, *, block_rows: int = 512,
                     tile_cols: int = 8192, batch_rows: int = BATCH_ROWS, stats: dict | None = None,
-                    progress=None) -> Iterator[tuple[ClusterBatch, np.ndarray, np.ndarray]]:
+                    progress=None, device: str | None = None) -> Iterator[tuple[ClusterBatch, np.ndarray, np.ndarray]]:
     """The one expensive step, batch by batch of whole clusters: (batch in keep order, nn_sim
     float32 = max cos to an earlier row of its cluster (NaN for a cluster's first row), nn
     int32 = that row's place in its cluster (-1: none, first occurrence on ties)). Memory: one
     batch of embeddings and one block_rows × tile_cols similarity tile. `stats` gets the flops,
-    seconds, clusters, largest cluster and pairs."""
+    seconds, clusters, largest cluster and pairs. `device`: a torch device for the matmuls
+    (`similarity_device`), None for numpy."""
     st = stats if stats is not None else {}
     st.update(flops=0.0, compute_seconds=0.0, clusters=0, largest_cluster=0, pairs=0.0)
     t0 = time.perf_counter()
@@ -191,7 +249,8 @@ def similarity_pass(cin: ClusteredInput, keep: str = "farthest", seed: int = 0, 
                 if b - a < 2:
                     continue
                 tc = time.perf_counter()
-                s, arg, f = max_earlier(x[a:b], block_rows, tile_cols)
+                s, arg, f = (max_earlier(x[a:b], block_rows, tile_cols) if device is None
+                             else max_earlier_torch(x[a:b], device, block_rows, tile_cols))
                 st["compute_seconds"] += time.perf_counter() - tc
                 st["flops"] += f
                 has = arg >= 0
@@ -590,9 +649,11 @@ class SemanticDedup(Stage):
             pstats: dict = {}
             with console.progress(transient=True) as bar:
                 task = bar.add_task("semdedup: similarities within clusters", total=n)
+                sim_dev = similarity_device(self.device)
+                stats["similarity_device"] = sim_dev or "cpu"
                 rows = similarity_pass(cin, self.keep, seed, block_rows=self.block_rows, tile_cols=self.tile_cols,
                                        batch_rows=self.batch_rows, stats=pstats,
-                                       progress=lambda done: bar.update(task, completed=done))
+                                       progress=lambda done: bar.update(task, completed=done), device=sim_dev)
                 if cache is not None:  # written as it is computed: nothing n-sized in memory
                     cache.put_stream(key, {"nn_sim": np.float32, "nn": np.int32}, n,
                                      ((s, nn) for _, s, nn in rows))
