@@ -20,7 +20,7 @@ the manifest and the embedding files, feeds stages, and records what they return
 stage knows which executor runs it.
 
 `scope = "row"` stages decide each sample from its own columns, so the runner may feed them
-any partition of the pool (per shard, per Ray block). `scope = "global"` stages (fraction
+any partition of the pool (the local runner feeds them batches). `scope = "global"` stages (fraction
 thresholds, dedup, clustering, budgets) see every surviving sample in one call.
 """
 
