@@ -640,7 +640,9 @@ class SemanticDedup(Stage):
         """SemDeDup over a cluster-major listing: the similarity pass (or its cache), then the
         decisions batch by batch; they carry each row's `POS` and its duplicate's `REF_POS`."""
         n = cin.n
-        stats: dict[str, Any] = {"clustering": cin.source, "clustering_key": cin.identity}
+        # where the similarities run (or would have: a cached pass is the same on either)
+        stats: dict[str, Any] = {"clustering": cin.source, "clustering_key": cin.identity,
+                                 "similarity_device": similarity_device(self.device) or "cpu"}
         key = "semdedup-" + short_hash(cin.identity, self.keep, seed if self.keep == "random" else "", "listing")
         got = cache.get(key) if cache is not None else None
         if got is not None and len(got.get("nn_sim", ())) == n:
@@ -650,7 +652,6 @@ class SemanticDedup(Stage):
             with console.progress(transient=True) as bar:
                 task = bar.add_task("semdedup: similarities within clusters", total=n)
                 sim_dev = similarity_device(self.device)
-                stats["similarity_device"] = sim_dev or "cpu"
                 rows = similarity_pass(cin, self.keep, seed, block_rows=self.block_rows, tile_cols=self.tile_cols,
                                        batch_rows=self.batch_rows, stats=pstats,
                                        progress=lambda done: bar.update(task, completed=done), device=sim_dev)
