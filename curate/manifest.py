@@ -143,6 +143,16 @@ SCHEMA = [
 ]
 
 
+def why_no_image_sql(uid: str) -> str:
+    """SQL for why the sample with uid `uid` (a column) has no image, from its issues:
+    `download_failed: <img2dataset status>` or `sha256_mismatch: ...`; NULL when neither was
+    recorded (then NO_IMAGE_INGESTED). Prune's no_image detail and export's list say the same."""
+    return (f"(SELECT any_value(i.reason || ': ' || coalesce(i.detail, '')) FROM sample_issues i WHERE i.uid = {uid} "
+            "AND i.reason IN ('download_failed', 'sha256_mismatch'))")
+
+
+NO_IMAGE_INGESTED = "no image shard holding this uid was ingested"
+
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
@@ -244,17 +254,18 @@ class Manifest:
         """Bring a manifest written by an older curate to this schema (inside init's transaction)."""
         have = {r[0] for r in self.con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'samples'").fetchall()}
-        if "img_shard_id" not in have:  # schema 1 -> 2: image locations
+        if "img_shard_id" not in have:  # schema 1 -> 2
+            # image locations
             for col, typ in (("img_shard_id", "BIGINT"), ("img_key", "VARCHAR"), ("img_row", "BIGINT"),
                              ("img_width", "INTEGER"), ("img_height", "INTEGER"), ("img_sha256", "VARCHAR")):
                 self.con.execute(f"ALTER TABLE samples ADD COLUMN {col} {typ}")
             self.con.execute("UPDATE samples SET img_shard_id = shard_id, img_key = key, img_row = row_idx "
                              "WHERE image_ext IS NOT NULL")
-        # schema 2: the workspace's own embedding files by paths relative to it (a moved workspace
-        # still finds them); idempotent
-        root = str(self.path.absolute().parent)
-        self.con.execute("UPDATE embeddings SET path = substr(path, length(?) + 2) WHERE starts_with(path, ? || '/')",
-                         [root, root])
+            # the workspace's own embedding files by paths relative to it (a moved workspace still
+            # finds them)
+            root = str(self.path.absolute().parent)
+            self.con.execute("UPDATE embeddings SET path = substr(path, length(?) + 2) "
+                             "WHERE starts_with(path, ? || '/')", [root, root])
         self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value::INTEGER < ?",
                          [str(SCHEMA_VERSION), SCHEMA_VERSION])
 

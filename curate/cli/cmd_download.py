@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -121,8 +122,6 @@ def download(
                     registered = ingest_paths(ws, m, [urls], "datacomp", rec.run_id)
                     # only the rows that are samples now (a row ingest rejected, e.g. for a blank
                     # uid the URL table would derive one for, is not downloaded)
-                    import dataclasses
-
                     table = dataclasses.replace(table, frame=table.frame.join(
                         m.frame("SELECT uid FROM samples WHERE source = 'datacomp'"), on="uid", how="semi",
                         maintain_order="left"))
@@ -193,7 +192,5 @@ def with_face_boxes(table, *, required: bool):
         (pl.lit(f"{f.name}:" if folder else "") + pl.col("_row").cast(pl.Utf8)).alias("key"), FACE_BOXES)
         for f in files]
     boxes = pl.concat(parts) if len(parts) > 1 else parts[0]
-    import dataclasses
-
     return dataclasses.replace(table, frame=table.frame.join(boxes, on="key", how="left", maintain_order="left")), \
         FACE_BOXES

@@ -26,6 +26,7 @@ from ..cluster import StageClustering, compute_clustering, inverse_permutation, 
 from ..clustered import POS, REF_POS, BitSet, ClusteredInput, ClusterIndex, npy_writers, read_range
 from ..embeddings import ShardEmbeddingView, refs
 from ..errors import CurateError, UsageError
+from ..manifest import NO_IMAGE_INGESTED, why_no_image_sql
 from ..recipes import Recipe
 from ..stages.base import DECISION_COLUMNS, REF_ROW, Stage, StageInput, bitmap_fingerprint, get_stage, index_dtype
 from ..workspace import atomic_path, atomic_save_npy
@@ -240,9 +241,8 @@ class PoolSource:
             "SELECT count(*) FILTER (WHERE img_shard_id IS NULL) > 0 AND count(*) FILTER (WHERE img_shard_id IS NOT "
             "NULL) > 0 FROM samples WHERE status = 'ok'"))
         no_image_sql = (
-            " UNION ALL SELECT s.rowid AS rid, 'no_image: ' || coalesce((SELECT any_value(i.reason || ' (' || "
-            "i.detail || ')') FROM sample_issues i WHERE i.uid = s.uid AND i.reason IN ('download_failed', "
-            "'sha256_mismatch')), 'no image was ingested for this sample') AS detail, 1 AS prio FROM samples s "
+            f" UNION ALL SELECT s.rowid AS rid, 'no_image: ' || coalesce({why_no_image_sql('s.uid')}, "
+            f"'{NO_IMAGE_INGESTED}') AS detail, 1 AS prio FROM samples s "
             "WHERE s.status = 'ok' AND s.img_shard_id IS NULL") if no_image else ""
         err = manifest.con.sql(
             "SELECT s.rowid AS rid, CASE WHEN bool_or(i.reason = 'undecodable') "
@@ -685,13 +685,13 @@ class _Pools:
 
     def __init__(self, src: PoolSource):
         self.src = src
-        self._pools: dict[int, _Pool] = {}
+        self._pools: dict[Unusable, _Pool] = {}
 
     def for_scorer(self, scorer: str | None) -> "_Pool":
         u = self.src.unusable(scorer)
-        if id(u) not in self._pools:
-            self._pools[id(u)] = _Pool(self.src, u)
-        return self._pools[id(u)]
+        if u not in self._pools:
+            self._pools[u] = _Pool(self.src, u)
+        return self._pools[u]
 
 
 class _Pool:

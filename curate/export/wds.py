@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from .. import console
 from ..errors import CurateError, UsageError
+from ..manifest import NO_IMAGE_INGESTED, why_no_image_sql
 from ..workspace import _fsync_dir, atomic_path, atomic_write_json
 from .select import Selection, decisions_of, query_with, scores_wide, selected_samples
 from .tario import END_OF_ARCHIVE, RECORD
@@ -107,9 +108,8 @@ def without_image_table(manifest, bad: pl.DataFrame) -> pl.DataFrame:
     """uid, why it has no image (img2dataset's status for a failed download, a sha256 mismatch,
     or none ingested), the sample's own shard and key: what `without_image.parquet` lists."""
     return query_with(manifest, {"_noimg": bad.select("uid")},
-        "SELECT u.uid, coalesce((SELECT any_value(i.reason || ': ' || coalesce(i.detail, '')) FROM sample_issues i "
-        "WHERE i.uid = u.uid AND i.reason IN ('download_failed', 'sha256_mismatch')), "
-        "'no_image: no image shard holding this uid was ingested') AS why, sh.path AS shard, s.key "
+        f"SELECT u.uid, coalesce({why_no_image_sql('u.uid')}, 'no_image: {NO_IMAGE_INGESTED}') AS why, "
+        "sh.path AS shard, s.key "
         "FROM _noimg u JOIN samples s USING (uid) LEFT JOIN shards sh ON sh.shard_id = s.shard_id "
         "ORDER BY s.shard_id, s.row_idx")
 

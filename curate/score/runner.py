@@ -378,7 +378,6 @@ def _device_worker(slot: int, attempt: int, ws_root: str, device: str, tasks: li
                 os.kill(os.getpid(), signal.SIGKILL)
 
         score_jobs(Workspace(Path(ws_root)), jobs, models, opts, on_done, on_batch=lambda n: q.put((slot, "batch", n)))
-        q.put((slot, "exit", None))
     except BaseException as exc:  # report, the parent decides
         q.put((slot, "error", f"{device}: {type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None

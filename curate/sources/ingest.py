@@ -210,10 +210,11 @@ class Ingester:
         self.summary.samples_added += df.height
         return pl.concat([df, adopted]) if adopted.height else df
 
-    def _with_frame(self, name: str, frame: pl.DataFrame, sql: str, params=None) -> None:
-        self.m.con.register(name, frame.to_arrow())
+    def _with_frame(self, name: str, frame, sql: str, params=None) -> list[tuple]:
+        """Run `sql` with `frame` (polars or Arrow) registered as `name`; its rows (RETURNING, SELECT)."""
+        self.m.con.register(name, frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame)
         try:
-            self.m.execute(sql, params)
+            return self.m.execute(sql, params).fetchall()
         finally:
             self.m.con.unregister(name)
 
@@ -274,9 +275,10 @@ class Ingester:
         own = existing.filter((pl.col("source") == "wds") & (pl.col("shard_id") == pl.col("img_shard_id")))
         if not own.height:
             return df, df.clear()
-        cand = df.drop(IMAGE_COLUMNS).join(own.select("uid", "img_key", "img_sha256", "img_shard_id"), on="uid",
-                                           how="inner")
-        bad = cand.filter(self._sha_mismatch("sha256", "img_sha256"))
+        cand = (df.drop(IMAGE_COLUMNS).join(own.select("uid", "img_key", "img_sha256", "img_shard_id"), on="uid",
+                                            how="inner")
+                .with_columns(self._sha_mismatch("sha256", "img_sha256").alias("_bad")))
+        bad = cand.filter("_bad")
         if bad.height:
             # recorded on the image's shard, as when the metadata came first
             for (img_shard,), part in bad.group_by(["img_shard_id"], maintain_order=True):
@@ -287,7 +289,7 @@ class Ingester:
                 "DELETE FROM scores WHERE uid IN (SELECT uid FROM _detach) AND scorer NOT LIKE 'datacomp-%'")
         cols = ("shard_id", "key", "row_idx", "url", "caption", "width", "height", "source")
         detach = ", ".join(f"{c} = CASE WHEN a._bad THEN NULL ELSE samples.{c} END" for c in IMAGE_COLUMNS)
-        self._with_frame("_adopt", cand.with_columns(self._sha_mismatch("sha256", "img_sha256").alias("_bad")),
+        self._with_frame("_adopt", cand,
             "UPDATE samples SET " + ", ".join(f"{c} = a.{c}" for c in cols) +
             ", sha256 = a.sha256, " + detach +
             " FROM _adopt a WHERE samples.uid = a.uid AND samples.source = 'wds'")
@@ -366,26 +368,16 @@ class Ingester:
             return failed[name].cast(pl.Utf8).to_list() if name in failed.columns else [None] * failed.height
 
         uids, keys, status, err = col("uid"), col("key"), col("status"), col("error_message")
-        known = [u for u in uids if u]
+        known = pa.table({"uid": [u for u in uids if u]})
         # A DataComp metadata sample whose download failed stays, metadata only: a warning on it.
-        stays: set[str] = set()
-        if known:
-            self.m.con.register("_failed", pa.table({"uid": known}))
-            try:
-                stays = {r[0] for r in self.m.execute(
-                    "SELECT s.uid FROM samples s JOIN _failed f USING (uid) WHERE s.source = 'datacomp'").fetchall()}
-            finally:
-                self.m.con.unregister("_failed")
+        stays = {r[0] for r in self._with_frame("_failed", known, "SELECT s.uid FROM samples s JOIN _failed f "
+                                                "USING (uid) WHERE s.source = 'datacomp'")} if known.num_rows else set()
         for k, u, s, e in zip(keys, uids, status, err):
             issues.append((k, u, "download_failed", "warning" if u in stays else "rejected",
                            f"{s}: {e}" if e else str(s)))
-        if known:
-            self.m.con.register("_failed", pa.table({"uid": known}))
-            try:
-                self.m.execute("UPDATE samples SET status = 'failed' FROM _failed f "
-                               "WHERE samples.uid = f.uid AND samples.status = 'pending'")
-            finally:
-                self.m.con.unregister("_failed")
+        if known.num_rows:
+            self._with_frame("_failed", known, "UPDATE samples SET status = 'failed' FROM _failed f "
+                             "WHERE samples.uid = f.uid AND samples.status = 'pending'")
 
     def ingest_datacomp(self, unit: ShardUnit, st: os.stat_result) -> None:
         import numpy as np
@@ -591,13 +583,9 @@ class Ingester:
                     continue
                 # Images whose download failed before their metadata came (shards first): the
                 # sample is in now, metadata only, so the failure is a warning on it.
-                self.m.con.register("_new", inserted.select("uid").to_arrow())
-                try:
-                    touched = self.m.execute(
-                        "UPDATE sample_issues SET action = 'warning' WHERE reason = 'download_failed' "
-                        "AND action = 'rejected' AND uid IN (SELECT uid FROM _new) RETURNING shard_id").fetchall()
-                finally:
-                    self.m.con.unregister("_new")
+                touched = self._with_frame("_new", inserted.select("uid"),
+                    "UPDATE sample_issues SET action = 'warning' WHERE reason = 'download_failed' "
+                    "AND action = 'rejected' AND uid IN (SELECT uid FROM _new) RETURNING shard_id")
                 for (img_shard,) in set(touched):
                     self._finish_shard_row(int(img_shard))
                 # Samples with an unusable embedding stay (caption, url and size are fine), each with
